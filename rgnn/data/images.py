@@ -1,0 +1,40 @@
+"""Image decoding shared by the readers, the sharding job, the shard pipeline and prediction."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarray:
+    """Decode a JPEG/PNG/... file or its bytes to RGB.
+
+    Grayscale, palette and RGBA images become RGB. A truncated or corrupt file is an error, not a
+    half-grey picture: PIL raises on truncation where OpenCV only warns.
+
+    Args:
+        data: the encoded bytes, or a path to read them from.
+        name: what to call the input in errors (defaults to the path).
+
+    Returns:
+        uint8 ndarray[H, W, 3], RGB.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the bytes are not a readable image (the message names the input).
+    """
+    if isinstance(data, (str, Path)):
+        name = name or str(data)
+        try:
+            data = Path(data).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {name}") from None
+    name = name or "<bytes>"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot decode image {name}: {e}") from None

@@ -1,0 +1,91 @@
+"""Pascal VOC layout reader: VOCdevkit/VOC20xx/{JPEGImages, Annotations, ImageSets/Main}."""
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from rgnn.data.boxes import as_arrays, clip_box
+from rgnn.data.records import ImageRecord, LabeledSet
+
+log = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+
+def voc_year_dir(root: str | Path, year: str | None = None) -> Path:
+    """Resolve `root` (VOCdevkit/VOC2007 itself, or VOCdevkit) to the VOC20xx folder."""
+    root = Path(root)
+    if (root / "Annotations").is_dir():
+        return root
+    years = sorted(p for p in root.glob("VOC20*") if (p / "Annotations").is_dir())
+    if year is not None:
+        years = [p for p in years if p.name == f"VOC{year}"]
+    if len(years) != 1:
+        found = ", ".join(p.name for p in years) or "none"
+        raise FileNotFoundError(
+            f"{root}: expected VOCdevkit/VOC2007 or VOC2012 with Annotations/ (found: {found}); "
+            "pass the VOC20xx folder or a year")
+    return years[0]
+
+
+def read_voc(root: str | Path, split: str = "trainval", year: str | None = None,
+             check_files: bool = True) -> LabeledSet:
+    """Read one image set of a Pascal VOC year.
+
+    The 20 classes keep the standard order. `difficult` objects are kept, flagged, and their
+    classes count as labels; evaluation ignores a class whose boxes in an image are all
+    difficult (`ImageRecord.difficult_only`), as the VOC devkit does. Boxes become 0-based
+    x1 y1 x2 y2 (VOC's are 1-based, inclusive).
+
+    Raises:
+        FileNotFoundError: the image set list or an annotation file is missing.
+        ValueError: an annotation file does not parse or names an unknown class (names the file).
+    """
+    year_dir = voc_year_dir(root, year)
+    list_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
+    if not list_file.is_file():
+        raise FileNotFoundError(f"VOC image set not found: {list_file}")
+    stems = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
+    index_of = {name: i for i, name in enumerate(VOC_CLASSES)}
+    records, skipped = [], []
+    for stem in stems:
+        xml_file = year_dir / "Annotations" / f"{stem}.xml"
+        path = year_dir / "JPEGImages" / f"{stem}.jpg"
+        if check_files and not path.is_file():
+            log.warning("%s: image file missing, skipped: %s", list_file, path)
+            skipped.append((str(path), "image file missing"))
+            continue
+        try:
+            tree = ET.parse(xml_file)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"VOC annotation file not found: {xml_file}") from None
+        except ET.ParseError as e:
+            raise ValueError(f"{xml_file} is not valid XML: {e}") from None
+        try:
+            size = tree.find("size")
+            w, h = int(size.findtext("width")), int(size.findtext("height"))
+            boxes, classes, difficult = [], [], []
+            for obj in tree.iter("object"):
+                name = obj.findtext("name").strip()
+                if name not in index_of:
+                    raise ValueError(f"unknown class {name!r}")
+                bb = obj.find("bndbox")
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                box = clip_box([box[0] - 1, box[1] - 1, box[2], box[3]], w, h, str(xml_file))
+                if box is None:
+                    continue
+                boxes.append(box)
+                classes.append(index_of[name])
+                difficult.append(obj.findtext("difficult", "0").strip() == "1")
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"{xml_file}: malformed VOC annotation: {e}") from None
+        gt_boxes, gt_classes, diff = as_arrays(boxes, classes, difficult)
+        records.append(ImageRecord(stem, str(path.resolve()), w, h, sorted(set(classes)),
+                                   gt_boxes, gt_classes, diff))
+    return LabeledSet(f"{year_dir.name.lower()}/{split}", list(VOC_CLASSES), records,
+                      list(range(1, len(VOC_CLASSES) + 1)), skipped)

@@ -1,0 +1,224 @@
+import hashlib
+import json
+import logging
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from rgnn.data import synthetic
+from rgnn.data.coco import read_coco
+from rgnn.data.images import decode_image
+from rgnn.data.voc import VOC_CLASSES, read_voc
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- synthetic set
+
+def test_synthetic_layout_and_pycocotools(synthetic_root):
+    for split, n in (("train2017", 24), ("val2017", 12)):
+        coco = COCO(str(synthetic_root / "annotations" / f"instances_{split}.json"))
+        assert len(coco.getImgIds()) == n
+        assert len(coco.getCatIds()) >= 8
+        for info in coco.imgs.values():
+            img = cv2.imread(str(synthetic_root / split / info["file_name"]))
+            assert img is not None and img.shape[:2] == (info["height"], info["width"])
+        # real JPEG files
+        first = next((synthetic_root / split).glob("*.jpg")).read_bytes()
+        assert first[:3] == b"\xff\xd8\xff"
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = synthetic.generate(tmp_path / "a", train=5, val=2, seed=7)
+    b = synthetic.generate(tmp_path / "b", train=5, val=2, seed=7)
+    c = synthetic.generate(tmp_path / "c", train=5, val=2, seed=8)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_synthetic_statistics():
+    """Scales span below 1/32 to above 1/4, 0..5 objects, varied sizes, every class present."""
+    rng = np.random.default_rng(0)
+    areas, counts, shapes, classes = [], [], set(), set()
+    for _ in range(300):
+        img, objects = synthetic.make_image(rng)
+        h, w = img.shape[:2]
+        shapes.add((h, w))
+        counts.append(len(objects))
+        for c, (x1, y1, x2, y2) in objects:
+            areas.append((x2 - x1) * (y2 - y1) / (w * h))
+            classes.add(c)
+    areas = np.array(areas)
+    assert (areas < 1 / 32).mean() > 0.1 and (areas > 1 / 4).mean() > 0.03
+    assert min(counts) == 0 and max(counts) == 5
+    assert len(shapes) > 100
+    assert classes == set(range(len(synthetic.CLASS_NAMES)))
+
+
+def test_synthetic_boxes_are_exact():
+    """A painted object's box is exactly the extent of the pixels it changed."""
+    rng = np.random.default_rng(3)
+    for shape in synthetic.SHAPES:
+        for size in (12, 31, 80):
+            img = np.zeros((120, 140, 3), np.float32)
+            box = synthetic._paint(img, shape, "hstripes", 7, 5, size, rng)
+            ys, xs = np.nonzero(img.any(axis=2))
+            assert box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+def test_synthetic_labels_match_boxes(synthetic_root):
+    s = read_coco(synthetic_root, "train2017")
+    ann = json.loads((synthetic_root / "annotations/instances_train2017.json").read_text())
+    per_image = {}
+    for a in ann["annotations"]:
+        per_image.setdefault(a["image_id"], set()).add(synthetic.CATEGORY_IDS.index(a["category_id"]))
+    for r in s.records:
+        assert r.labels == sorted(per_image.get(r.image_id, set()))
+        assert sorted(set(r.gt_classes.tolist())) == r.labels
+
+
+def test_synthetic_cli(tmp_path, capsys):
+    synthetic.main(["--out", str(tmp_path), "--train", "3", "--val", "1", "--seed", "1"])
+    assert len(list((tmp_path / "train2017").glob("*.jpg"))) == 3
+    assert "3 train" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- COCO reader
+
+def _write_jpg(path, h=40, w=60, gray=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((h, w) if gray else (h, w, 3), 128, np.uint8)
+    cv2.imwrite(str(path), img)
+
+
+@pytest.fixture
+def coco_tree(tmp_path):
+    root = tmp_path / "coco"
+    _write_jpg(root / "val2017" / "a.jpg")
+    _write_jpg(root / "val2017" / "b.png", gray=True)
+    _write_jpg(root / "val2017" / "c.jpg")
+    doc = {
+        "images": [{"id": 30, "file_name": "a.jpg", "width": 60, "height": 40},
+                   {"id": 10, "file_name": "b.png", "width": 60, "height": 40},
+                   {"id": 20, "file_name": "c.jpg", "width": 60, "height": 40}],
+        "annotations": [
+            {"id": 1, "image_id": 30, "category_id": 90, "bbox": [1, 2, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 2, "image_id": 30, "category_id": 1, "bbox": [0, 0, 30, 20], "area": 600, "iscrowd": 1},
+            {"id": 3, "image_id": 10, "category_id": 7, "bbox": [50, 30, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 4, "image_id": 10, "category_id": 999, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0},
+        ],
+        "categories": [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"},
+                       {"id": 7, "name": "train"}],
+    }
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_coco_reader(coco_tree, caplog):
+    with caplog.at_level(logging.WARNING):
+        s = read_coco(coco_tree, "val2017")
+    assert s.class_names == ["person", "train", "toothbrush"]  # ascending category id
+    assert s.category_ids == [1, 7, 90]
+    assert [r.image_id for r in s.records] == [10, 20, 30]
+    by_id = {r.image_id: r for r in s.records}
+    # crowd annotation: a label, not a box target
+    assert by_id[30].labels == [0, 2]
+    np.testing.assert_array_equal(by_id[30].gt_boxes, [[1, 2, 11, 12]])
+    np.testing.assert_array_equal(by_id[30].gt_classes, [2])
+    # image without annotations: kept, all negative
+    assert by_id[20].labels == [] and by_id[20].gt_boxes.shape == (0, 4)
+    np.testing.assert_array_equal(by_id[20].target(3), [0, 0, 0])
+    # box outside the image: clipped with a warning naming the file
+    np.testing.assert_array_equal(by_id[10].gt_boxes, [[50, 30, 60, 40]])
+    assert "clipped" in caplog.text and "instances_val2017.json" in caplog.text
+    # annotation with an unknown category: skipped and listed
+    assert len(s.skipped) == 1 and "annotation 4" in s.skipped[0][0]
+    # grayscale PNG decodes to RGB
+    assert decode_image(by_id[10].path).shape == (40, 60, 3)
+
+
+def test_coco_missing_image_is_skipped_and_listed(coco_tree):
+    (coco_tree / "val2017" / "c.jpg").unlink()
+    s = read_coco(coco_tree, "val2017")
+    assert [r.image_id for r in s.records] == [10, 30]
+    assert any("c.jpg" in where and "missing" in why for where, why in s.skipped)
+
+
+def test_coco_bad_annotation_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
+        read_coco(tmp_path, "val2017")
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{not json")
+    with pytest.raises(ValueError, match="instances_val2017.json"):
+        read_coco(tmp_path, "val2017")
+
+
+# ---------------------------------------------------------------- VOC reader
+
+def _voc_xml(objects, w=60, h=40):
+    objs = "".join(
+        f"<object><name>{n}</name><difficult>{int(d)}</difficult><bndbox><xmin>{b[0]}</xmin>"
+        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for n, d, b in objects)
+    return f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objs}</annotation>"
+
+
+@pytest.fixture
+def voc_tree(tmp_path):
+    root = tmp_path / "VOCdevkit" / "VOC2007"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for stem in ("000001", "000002"):
+        _write_jpg(root / "JPEGImages" / f"{stem}.jpg")
+    (root / "Annotations" / "000001.xml").write_text(_voc_xml(
+        [("dog", False, (1, 1, 20, 20)), ("person", True, (5, 5, 30, 30)), ("dog", True, (2, 2, 8, 8))]))
+    (root / "Annotations" / "000002.xml").write_text(_voc_xml([("tvmonitor", False, (10, 10, 70, 30))]))
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000002\n")
+    return root
+
+
+def test_voc_reader(voc_tree):
+    s = read_voc(voc_tree.parent, "trainval")  # VOCdevkit folder resolves to its one year
+    assert s.name == "voc2007/trainval" and s.class_names == list(VOC_CLASSES)
+    r1, r2 = s.records
+    dog, person = VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
+    assert r1.labels == sorted([dog, person])
+    np.testing.assert_array_equal(r1.difficult, [False, True, True])
+    np.testing.assert_array_equal(r1.gt_boxes[0], [0, 0, 20, 20])  # 1-based -> 0-based
+    ignore = r1.difficult_only(20)
+    assert ignore[person] and not ignore[dog] and ignore.sum() == 1
+    np.testing.assert_array_equal(r2.gt_boxes, [[9, 9, 60, 30]])  # clipped to the 60 px width
+
+
+def test_voc_broken_xml_names_file(voc_tree):
+    (voc_tree / "Annotations" / "000002.xml").write_text("<annotation><size>")
+    with pytest.raises(ValueError, match="000002.xml"):
+        read_voc(voc_tree, "trainval")
+
+
+def test_voc_unknown_class_and_missing_set(voc_tree):
+    (voc_tree / "Annotations" / "000002.xml").write_text(_voc_xml([("unicorn", False, (1, 1, 5, 5))]))
+    with pytest.raises(ValueError, match="unicorn"):
+        read_voc(voc_tree, "trainval")
+    with pytest.raises(FileNotFoundError, match="test.txt"):
+        read_voc(voc_tree, "test")
+
+
+# ---------------------------------------------------------------- decoding
+
+def test_decode_image_errors(tmp_path):
+    good = tmp_path / "g.jpg"
+    _write_jpg(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="trunc.jpg"):
+        decode_image(tmp_path / "trunc.jpg")
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        decode_image(tmp_path / "nope.jpg")
+    assert decode_image(data).shape == (40, 60, 3)

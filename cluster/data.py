@@ -1,0 +1,61 @@
+"""Where a training's shards come from: --shards, --coco-root / --voc-root (built if missing), or the
+built-in synthetic set generated into the cache folder."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from rgnn.config import TrainConfig
+from rgnn.data import shards
+from rgnn.data.coco import read_coco
+from rgnn.data.synthetic import generate
+from rgnn.data.voc import read_voc
+from rgnn.proposals import ProposalParams
+
+
+def _complete(split_dir: Path) -> bool:
+    try:
+        shards.verify_shards(split_dir)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def prepare_shards(cfg: TrainConfig) -> tuple[Path, Path]:
+    """Return the (train, val) shard folders, building them through sharding/ where needed.
+
+    Built shards are cached under cfg.cache_dir by data set and proposal settings; a folder
+    whose shards verify is reused, an incomplete one is resumed by the sharding job.
+    """
+    if cfg.shards:
+        root = Path(cfg.shards).expanduser()
+        dirs = root / cfg.train_split, root / cfg.val_split
+        for d in dirs:
+            shards.verify_shards(d)  # names the missing or corrupt shard
+        return dirs
+    cache = Path(cfg.cache_dir).expanduser()
+    params = ProposalParams(max_boxes=max(cfg.max_regions, 1) * 2)
+    if cfg.coco_root or cfg.voc_root:
+        src = Path(cfg.coco_root or cfg.voc_root).expanduser().resolve()
+        key = f"{cfg.dataset}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
+
+        def read(split):
+            return read_coco(src, split) if cfg.coco_root else read_voc(src, split)
+    else:
+        src = cache / f"synthetic-{cfg.synthetic_train}-{cfg.synthetic_val}-seed{cfg.seed}"
+        if not (src / "annotations" / "instances_val2017.json").is_file():
+            generate(src, cfg.synthetic_train, cfg.synthetic_val, cfg.seed)
+        key = src.name
+
+        def read(split):
+            return read_coco(src, split)
+    out = cache / "shards" / f"{key}-T{params.max_boxes}"
+    dirs = []
+    for split in (cfg.train_split, cfg.val_split):
+        split_dir = out / split
+        if not _complete(split_dir):
+            from sharding.build_shards import build_shards  # needs Ray; only when building
+
+            build_shards(read(split), out, params=params, edge_model=cfg.edge_model)
+        dirs.append(split_dir)
+    return tuple(dirs)

@@ -1,0 +1,67 @@
+"""The per-worker function of Ray Train: rgnn.training.run_stages inside a thin Ray shell.
+
+Ray enters only here (STYLE.md, 5): `get_checkpoint` to resume, `prepare_model` for DDP, and
+`report` after every epoch, with rank 0 attaching the checkpoint (model, optimiser, stage, epoch,
+lambda state). A worker group restarted by FailureConfig resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from rgnn.artifacts import log_final_artifacts
+from rgnn.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from rgnn.config import TrainConfig
+from rgnn.data import shards
+from rgnn.model import RGNN
+from rgnn.tracking import RunLogger
+from rgnn.training import TrainState, check_classes, lambda_schedule, model_config, run_stages
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    train_dir, val_dir = Path(config["train_dir"]), Path(config["val_dir"])
+    class_names = shards.class_names(train_dir)
+    model = RGNN(model_config(cfg, len(class_names)))
+    state = TrainState(stage=cfg.start_stage)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restart after a worker failure, or --resume
+        with ckpt.as_directory() as d:
+            _, payload = load_checkpoint(d)
+        check_classes(payload["class_names"], class_names, "checkpoint")
+        model.load_state_dict(payload["model"])
+        state = TrainState(**payload["state"])
+    elif cfg.init_checkpoint:
+        _, payload = load_checkpoint(cfg.init_checkpoint)
+        check_classes(payload["class_names"], class_names, str(resolve_checkpoint(cfg.init_checkpoint)))
+        model.load_state_dict(payload["model"])
+    model.to(device)
+    log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+
+    def report(state: TrainState, metrics: dict) -> None:
+        """Every rank reports (it is a barrier); rank 0 attaches the epoch's checkpoint."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(tmp, model, class_names, cfg.to_dict(), state=state.to_dict(),
+                                lambda_schedule=lambda_schedule(cfg).__dict__)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        # Some layers are unused in some stages (fc8 when pooling fc6/fc7, the classifier in stage 3).
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, wrap, report, log)
+    if log is not None and final is not None:
+        log_final_artifacts(log, model, *final, class_names, val_dir, cfg)
+        log.flush()

@@ -1,0 +1,71 @@
+"""The checkpoint format shared by training, prediction and evaluation.
+
+A checkpoint is a folder with `checkpoint.pt` (model state, class names, model config, and for
+training: optimiser, stage, epoch, lambda state, mAPs so far) and `config.json` (the resolved
+training config, readable without torch). Files are written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rgnn.model import RGNN, ModelConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], config: dict | None = None,
+                    **train_state) -> Path:
+    """Write `folder/checkpoint.pt` (+ `config.json`); returns the folder.
+
+    Args:
+        model: the bare RGNN (not DDP-wrapped).
+        config: the resolved training config (saved beside the weights).
+        train_state: optimizer state, stage, epoch, lambda, maps, ... kept as they are.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "model_config": asdict(model.cfg),
+               "class_names": list(class_names), **train_state}
+    _atomic_write(folder / CHECKPOINT_FILE, lambda p: torch.save(payload, p))
+    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config or {}, indent=2)))
+    return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, its checkpoint.pt, or an MLflow URI (`runs:/<id>/model`) -> the .pt file."""
+    text = str(path)
+    if text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow  # only needed for MLflow URIs
+
+        text = mlflow.artifacts.download_artifacts(artifact_uri=text)
+    p = Path(text)
+    if p.is_dir():
+        p = p / CHECKPOINT_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RGNN, dict]:
+    """Rebuild the RGNN of a checkpoint; returns (model in eval mode, the whole payload)."""
+    file = resolve_checkpoint(path)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=False)
+        cfg = ModelConfig(**{**payload["model_config"], "weights": None})
+    except (KeyError, TypeError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{file} is not an RGNN checkpoint: {e!r}") from None
+    model = RGNN(cfg)
+    model.load_state_dict(payload["model"])
+    return model.eval(), payload

@@ -1,0 +1,77 @@
+"""Gate units (section 3.1): how much of each region's feature x_i passes to the pooling.
+
+The gate reads a utility input u_i (fc7 of the region, section 4.2) through one FC layer T and a
+sigmoid. Region-level (eq. 2): one value a_i per region; feature-level (eq. 4): a vector a_i with
+the dimension of x_i. The gated feature is x^_i = a_i * x_i. Backpropagation (eqs. 3 and 5) is
+autograd's; tests/test_model.py checks it with gradcheck.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def region_gate(u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Eq. 2: a_i = sigmoid(T_r(u_i)).
+
+    Args:
+        u: Tensor[R, U] gate inputs; weight: Tensor[1, U]; bias: Tensor[1].
+
+    Returns:
+        Tensor[R] in (0, 1).
+    """
+    return torch.sigmoid(F.linear(u, weight, bias)).squeeze(1)  # (R,)
+
+
+def feature_gate(u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Eq. 4: a_i = sigmoid(T_f(u_i)).
+
+    Args:
+        u: Tensor[R, U] gate inputs; weight: Tensor[D, U]; bias: Tensor[D].
+
+    Returns:
+        Tensor[R, D] in (0, 1).
+    """
+    return torch.sigmoid(F.linear(u, weight, bias))
+
+
+def apply_gate(x: Tensor, a: Tensor) -> Tensor:
+    """x^_i = a_i x_i (eq. 2) or a_i (.) x_i (eq. 4).
+
+    Args:
+        x: Tensor[R, D]; a: Tensor[R] (region-level) or Tensor[R, D] (feature-level).
+
+    Returns:
+        Tensor[R, D].
+    """
+    return x * (a.unsqueeze(1) if a.dim() == 1 else a)
+
+
+class _Gate(nn.Module):
+    """One FC layer T (Xavier-initialised, section 4.2) followed by a sigmoid."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        if in_dim < 1 or out_dim < 1:
+            raise ValueError(f"gate dimensions must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+        self.transform = nn.Linear(in_dim, out_dim)
+        nn.init.xavier_uniform_(self.transform.weight)
+        nn.init.zeros_(self.transform.bias)
+
+
+class RegionGate(_Gate):
+    """Region-level gate (eq. 2): Tensor[R, in_dim] -> Tensor[R] in (0, 1)."""
+
+    def __init__(self, in_dim: int):
+        super().__init__(in_dim, 1)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return region_gate(u, self.transform.weight, self.transform.bias)
+
+
+class FeatureGate(_Gate):
+    """Feature-level gate (eq. 4): Tensor[R, in_dim] -> Tensor[R, out_dim] in (0, 1)."""
+
+    def forward(self, u: Tensor) -> Tensor:
+        return feature_gate(u, self.transform.weight, self.transform.bias)

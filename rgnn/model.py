@@ -1,0 +1,241 @@
+"""The Regional Gating Neural Network (section 3, Figure 1).
+
+Per image: shared conv layers -> RoI pooling of every region (the whole image is always added as
+one more region, so no image has none) -> fc6 -> fc7 (the gate input u_i, section 4.2) -> the
+pooled layer x_i (`pool_layer`, default softmax of fc8) -> gate a_i (section 3.1) -> x^_i = a_i x_i
+-> multi-scale cross-region max pooling (section 3.2) -> z -> two FC layers -> C logits.
+
+The paper calls the last layer "soft-max" but trains it with per-class binary cross-entropy
+(eq. 6): the logits go through a per-class sigmoid (in the loss and at prediction time).
+
+What `pool_layer` pools (Table 1's ablation, DESIGN.md). Cross-region max pooling gives an empty
+bin 0 and a closed gate scales a feature to 0, so both mean "no evidence" only for non-negative
+features. fc6 and fc7 follow a ReLU, softmax is positive; for `fc8` the pooled feature is
+max(fc8, 0): a raw logit that is negative would be *raised* towards 0 by a closing gate and beaten
+by an empty bin. The classifier of the global path (stage 1) uses the raw fc8 logits.
+
+The model returns logits and gate values; losses live in rgnn.losses (STYLE.md, 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rgnn.backbones import BACKBONES, build_backbone, xavier_linear
+from rgnn.gates import FeatureGate, RegionGate, apply_gate
+from rgnn.pooling import SCALES, CrossRegionMaxPool, cross_region_max_pool
+
+__all__ = ["ModelConfig", "RGNN", "RGNNOutput", "CrossRegionMaxPool", "cross_region_max_pool",
+           "GATES", "POOL_LAYERS"]
+
+GATES = ("none", "region", "feature")
+POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")
+
+
+@dataclass
+class ModelConfig:
+    """What an RGNN is; saved with every checkpoint (`dataclasses.asdict`).
+
+    Attributes:
+        num_classes: C.
+        backbone: "vgg16" (the paper's), "resnet50" or "small" (CPU tests and the demo).
+        gate: "none" (gates fixed at 1), "region" (eq. 2) or "feature" (eq. 4).
+        scales: 5 area bins or 1 (section 3.2).
+        pool_layer: the layer that is gated and pooled: "fc6", "fc7", "fc8" or "softmax" (of fc8).
+        hidden: width of the classifier's first FC layer (scales * D -> hidden -> C).
+        weights: None (random init), "imagenet" (torchvision's file in the local torch hub cache),
+            or the path of a backbone state_dict (see rgnn.backbones).
+        dropout: after fc6, fc7 and the classifier's hidden layer.
+    """
+
+    num_classes: int
+    backbone: str = "small"
+    gate: str = "region"
+    scales: int = 5
+    pool_layer: str = "softmax"
+    hidden: int = 512
+    weights: str | None = None
+    dropout: float = 0.5
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 1")
+        choices = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ValueError(f"hidden={self.hidden!r}: expected an int >= 1")
+
+
+@dataclass
+class RGNNOutput:
+    """What `RGNN.forward` returns for a batch of N images with R regions in all.
+
+    Attributes:
+        logits: Tensor[N, C], the classifier's output before the per-class sigmoid.
+        gates: Tensor[R] (region-level), Tensor[R, D] (feature-level, D = the pooled layer's
+            dimension), or None (gate "none", or gates held open).
+        boxes: Tensor[R, 4], every region (x1, y1, x2, y2 in input pixels), image by image, each
+            image's proposals followed by its whole-image box.
+        image_index: long Tensor[R], the image of each region.
+        area_ratio: Tensor[R], region area / image area (what picks the scale bin).
+    """
+
+    logits: Tensor
+    gates: Tensor | None
+    boxes: Tensor
+    image_index: Tensor
+    area_ratio: Tensor
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Tensor[R, 4] (x1, y1, x2, y2) -> Tensor[R]; degenerate boxes have area 0."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+
+
+class RGNN(nn.Module):
+    """See the module docstring. Parts: `backbone` (trunk, fc6, fc7), `fc8`, `gate`, `pool`, `classifier`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone, cfg.weights, cfg.dropout)
+        C, U = cfg.num_classes, self.backbone.fc7_dim
+        self.fc8 = xavier_linear(U, C)
+        D = self.pooled_dim
+        # section 4.2: the gate reads fc7 (u_i) and scales the pooled layer (x_i)
+        if cfg.gate == "region":
+            self.gate = RegionGate(U)
+        elif cfg.gate == "feature":
+            self.gate = FeatureGate(U, D)
+        else:
+            self.gate = None
+        self.pool = CrossRegionMaxPool(cfg.scales)
+        self.classifier = nn.Sequential(xavier_linear(cfg.scales * D, cfg.hidden), nn.ReLU(inplace=True),
+                                        nn.Dropout(cfg.dropout), xavier_linear(cfg.hidden, C))
+
+    @property
+    def pooled_dim(self) -> int:
+        """D, the dimension of the gated and pooled layer x_i."""
+        return {"fc6": self.backbone.fc6_dim, "fc7": self.backbone.fc7_dim}.get(self.cfg.pool_layer,
+                                                                              self.cfg.num_classes)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [] if self.gate is None else list(self.gate.parameters())
+
+    def _gated(self, open_gates: bool) -> bool:
+        return self.gate is not None and not open_gates
+
+    def _runs_fc7(self, gated: bool) -> bool:
+        """fc7 feeds the pooled layer (fc7, fc8, softmax) or the gate (u_i)."""
+        return gated or self.cfg.pool_layer != "fc6"
+
+    def used_modules(self, regions: bool = True, open_gates: bool = False) -> list[nn.Module]:
+        """The modules with parameters that a forward pass runs.
+
+        Args:
+            regions: the regional path (`forward`); False: the global path (`forward_global`).
+            open_gates: as `forward`'s argument.
+
+        The regional path skips fc8 when fc6/fc7 is pooled, and fc7 when fc6 is pooled and no gate
+        reads it; rgnn.schedule trains only what runs (every trainable parameter gets a gradient).
+        """
+        b = self.backbone
+        if not regions:
+            return [b.trunk, b.fc6, b.fc7, self.fc8]
+        gated = self._gated(open_gates)
+        used = [b.trunk, b.fc6]
+        if self._runs_fc7(gated):
+            used.append(b.fc7)
+        if self.cfg.pool_layer in ("fc8", "softmax"):
+            used.append(self.fc8)
+        if gated:
+            used.append(self.gate)
+        return used + [self.classifier]
+
+    def regions(self, image_sizes: Tensor, boxes: list[Tensor], device: torch.device,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Every region of the batch with the whole images appended.
+
+        Args:
+            image_sizes: long Tensor[N, 2], (h, w) of each unpadded image.
+            boxes: N x Tensor[T_i, 4] (T_i may be 0).
+
+        Returns:
+            (boxes Tensor[R, 4], image_index long Tensor[R], area_ratio Tensor[R]), R = sum(T_i + 1).
+        """
+        N = len(boxes)
+        if image_sizes.shape != (N, 2):
+            raise ValueError(f"image_sizes must be Tensor[N, 2] with N={N} (one box list per image), "
+                             f"got shape {tuple(image_sizes.shape)}")
+        sizes = image_sizes.to(device=device, dtype=dtype)
+        h, w = sizes.unbind(1)  # (N,) each
+        zero = torch.zeros_like(h)
+        whole = torch.stack([zero, zero, w, h], 1)  # (N, 4)
+        parts = []
+        for i, b in enumerate(boxes):
+            b = b.to(device=device, dtype=dtype)
+            if b.numel() == 0:
+                b = b.reshape(0, 4)
+            if b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"boxes[{i}] must be Tensor[T, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
+            parts += [b, whole[i:i + 1]]
+        all_boxes = torch.cat(parts)  # (R, 4)
+        counts = [len(b) + 1 for b in parts[::2]]
+        image_index = torch.repeat_interleave(torch.arange(N, device=device), torch.tensor(counts, device=device),
+                                              output_size=sum(counts))  # (R,), no device sync
+        area_ratio = box_area(all_boxes) / (h * w)[image_index]  # (R,)
+        return all_boxes, image_index, area_ratio
+
+    def _pooled_layer(self, h6: Tensor, h7: Tensor | None) -> Tensor:
+        layer = self.cfg.pool_layer
+        if layer == "fc6":
+            return h6
+        if layer == "fc7":
+            return h7
+        logits = self.fc8(h7)  # (R, C)
+        return F.relu(logits) if layer == "fc8" else torch.softmax(logits, dim=1)
+
+    def forward(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor], open_gates: bool = False) -> RGNNOutput:
+        """The regional path (stages 2-4).
+
+        Args:
+            images: Tensor[N, 3, H, W], normalised, zero-padded at the bottom and right.
+            image_sizes: long Tensor[N, 2], (h, w) of each unpadded image.
+            boxes: N x float Tensor[T_i, 4], x1 y1 x2 y2 in the pixels of `images` (T_i may be 0).
+            open_gates: gates fixed at 1 and not run (stage 2).
+        """
+        N, _, H, W = images.shape
+        if len(boxes) != N:
+            raise ValueError(f"got {len(boxes)} box lists for {N} images")
+        all_boxes, image_index, area_ratio = self.regions(image_sizes, boxes, images.device, images.dtype)
+        rois = torch.cat([image_index.unsqueeze(1).to(images.dtype), all_boxes], 1)  # (R, 5)
+        b = self.backbone
+        h6 = b.fc6(b.region_inputs(b(images), rois))  # (R, fc6_dim): one RoI call, batched FC layers
+        gated = self._gated(open_gates)
+        h7 = b.fc7(h6) if self._runs_fc7(gated) else None  # (R, fc7_dim): u_i
+        x = self._pooled_layer(h6, h7)  # (R, D)
+        gates = self.gate(h7) if gated else None  # (R,) or (R, D)
+        if gates is not None:
+            x = apply_gate(x, gates)  # eq. 2 / eq. 4
+        z = self.pool(x, area_ratio, image_index, N)  # (N, scales*D)
+        return RGNNOutput(self.classifier(z), gates, all_boxes, image_index, area_ratio)
+
+    def forward_global(self, images: Tensor) -> Tensor:
+        """Stage 1 and the global baseline: Tensor[N, 3, H, W] (size-normalised) -> fc8 logits Tensor[N, C].
+
+        The whole feature map is pooled to the RoI op's output size and goes through the same
+        fc6/fc7/fc8 as the regions, so stage 1 initialises stage 2 (section 4.2).
+        """
+        b = self.backbone
+        return self.fc8(b.fc7(b.fc6(b.global_inputs(b(images)))))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"num_classes={c.num_classes}, gate={c.gate!r}, scales={c.scales}, pool_layer={c.pool_layer!r}"

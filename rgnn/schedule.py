@@ -1,0 +1,95 @@
+"""The 4-stage schedule of section 4.2: what trains in each stage, and lambda of eq. 9 in stage 4.
+
+| stage    | trains (set_trainable)                         | loss       |
+| global   | backbone trunk + fc6, fc7, fc8                 | eq. 6      |
+| regional | all but the gates (gates held open)            | eq. 6      |
+| gates    | the gate parameters only                       | eq. 7      |
+| joint    | everything                                     | eq. 9      |
+
+"All" and "everything" mean every layer the stage's forward runs: when fc6 or fc7 is the pooled
+layer the regional path never runs fc8 (and with fc6 pooled and the gates open or absent, never
+fc7), so those stay frozen rather than trainable without a gradient, which DDP rejects.
+
+The paper decreases lambda "slowly from 1 to 0" in stage 4; the family is a searched
+hyper-parameter (tune/): constant, linear, cosine, step, exponential.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from rgnn.model import RGNN
+
+STAGES = ("global", "regional", "gates", "joint")
+LAMBDA_FAMILIES = ("constant", "linear", "cosine", "step", "exponential")
+
+
+def lambda_at(progress: float, family: str = "linear", start: float = 1.0, end: float = 0.0, rate: float = 5.0,
+              steps: tuple[float, ...] = (0.5,)) -> float:
+    """Lambda of eq. 9 at `progress` in [0, 1] through stage 4.
+
+    Families (each gives `start` at progress 0 and, except constant, `end` at progress 1):
+        constant: start throughout.
+        linear: start + (end - start) * p.
+        cosine: end + (start - end) * (1 + cos(pi p)) / 2.
+        step: piecewise constant; `steps` are the increasing progress points in (0, 1) where it
+            drops, by equal amounts from start to end (after the last one it is end).
+        exponential: end + (start - end) * (e^(-rate p) - e^(-rate)) / (1 - e^(-rate)), an exponential
+            decay with `rate` > 0 rescaled to reach `end` exactly.
+    """
+    if family not in LAMBDA_FAMILIES:
+        raise ValueError(f"family={family!r}: expected one of {LAMBDA_FAMILIES}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress={progress!r}: expected a value in [0, 1]")
+    if family == "constant":
+        return float(start)
+    if family == "linear":
+        return float(start + (end - start) * progress)
+    if family == "cosine":
+        return float(end + (start - end) * (1 + math.cos(math.pi * progress)) / 2)
+    if family == "step":
+        steps = tuple(steps)
+        if not steps or any(not 0 < s < 1 for s in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(f"steps={steps!r}: expected increasing progress points in (0, 1)")
+        passed = sum(progress >= s for s in steps)
+        return float(start + (end - start) * passed / len(steps))
+    if not rate > 0:
+        raise ValueError(f"rate={rate!r}: the exponential family needs rate > 0")
+    floor = math.exp(-rate)
+    return float(end + (start - end) * (math.exp(-rate * progress) - floor) / (1 - floor))
+
+
+@dataclass
+class LambdaSchedule:
+    """A named lambda family with its parameters; `schedule(progress)` -> lambda (see `lambda_at`)."""
+
+    family: str = "linear"
+    start: float = 1.0
+    end: float = 0.0
+    rate: float = 5.0
+    steps: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self):
+        self.steps = tuple(self.steps)
+        self(0.0)  # validates the family and its parameters now, not at stage 4
+
+    def __call__(self, progress: float) -> float:
+        return lambda_at(progress, self.family, self.start, self.end, self.rate, self.steps)
+
+
+def set_trainable(model: RGNN, stage: str) -> list[nn.Parameter]:
+    """Set requires_grad for `stage` (the module docstring's table); returns the trainable parameters."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    if stage == "gates":
+        if model.gate is None:
+            raise ValueError("stage 'gates' trains the gate parameters, but the model has gate='none'")
+        train = [model.gate]
+    else:
+        train = model.used_modules(regions=stage != "global", open_gates=stage == "regional")
+    model.requires_grad_(False)
+    for module in train:
+        module.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,103 @@
+"""MLflow at the edge: resolve and check the tracking store, one run per training, rank-0 logging."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory.
+
+    A relative sqlite path is made absolute so Ray workers (whose working directory differs)
+    write to the same store.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:  # a plain folder: MLflow's file store
+        uri = str(Path(uri).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear error when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"MLflow tracking server {uri} cannot be reached ({e}); "
+                              "start it (mlflow server ...) or pass another --tracking-uri") from None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a SQLite store, else the server's default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+              run_id: str | None = None) -> str:
+    """Create (or reopen, with run_id) the run of one training; returns its id."""
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    if run_id is None:
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+    else:
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLogger:
+    """Rank 0's handle on the training's MLflow run: buffered metrics, artifacts, tags."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self._buffer: list[Metric] = []
+
+    def metric(self, key: str, value: float, step: int) -> None:
+        self._buffer.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+        if len(self._buffer) >= 500:
+            self.flush()
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.metric(k, v, step)
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def tag(self, key: str, value) -> None:
+        self.client.set_tag(self.run_id, key, str(value))
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -1,0 +1,101 @@
+"""Pictures: the paper's Figure 3 (gated regions and the gate heat-map) and precision-recall curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+RED, GREEN = (255, 0, 0), (0, 255, 0)
+
+
+def gate_heatmap(height: int, width: int, boxes: np.ndarray, gates: np.ndarray) -> np.ndarray:
+    """Mean gate value of the regions covering each pixel.
+
+    Args:
+        boxes: float ndarray[R, 4] x1 y1 x2 y2 in pixels of this image.
+        gates: float ndarray[R] (for feature-level gates, pick a class or take the max first).
+
+    Returns:
+        float32 ndarray[height, width], 0 where no region covers the pixel.
+    """
+    total = np.zeros((height + 1, width + 1), np.float64)
+    count = np.zeros_like(total)
+    b = np.round(boxes).astype(int)
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, width)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, height)
+    for (x1, y1, x2, y2), g in zip(b, gates):  # 2-D difference arrays: O(R + HW)
+        for arr, v in ((total, g), (count, 1.0)):
+            arr[y1, x1] += v
+            arr[y1, x2] -= v
+            arr[y2, x1] -= v
+            arr[y2, x2] += v
+    total = total.cumsum(0).cumsum(1)[:height, :width]
+    count = count.cumsum(0).cumsum(1)[:height, :width]
+    return np.where(count > 0.5, total / np.maximum(count, 1), 0).astype(np.float32)
+
+
+def draw_gates(image: np.ndarray, boxes: np.ndarray, gates: np.ndarray, k: int = 5) -> np.ndarray:
+    """Figure 3 of the paper: the top-k gated regions in red, the bottom-k in green, over the
+    heat-map of gate values blended with the image.
+
+    Args:
+        image: uint8 ndarray[H, W, 3] RGB.
+        boxes: ndarray[R, 4] in the image's pixels; gates: ndarray[R] or [R, D] (max over D).
+
+    Returns:
+        uint8 ndarray[H, W, 3] RGB of the image's size.
+    """
+    gates = np.asarray(gates, np.float32)
+    if gates.ndim == 2:
+        gates = gates.max(axis=1)
+    h, w = image.shape[:2]
+    heat = gate_heatmap(h, w, boxes, gates)
+    span = heat.max() - heat.min()
+    heat = ((heat - heat.min()) / (span if span > 0 else 1) * 255).astype(np.uint8)
+    colour = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
+    out = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
+    order = np.argsort(-gates, kind="stable")
+    thick = max(1, round(min(h, w) / 150))
+    for idx, colour_ in ((order[k:][::-1][:k], GREEN), (order[:k], RED)):  # red drawn last, on top
+        for x1, y1, x2, y2 in np.round(boxes[idx]).astype(int):
+            cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), colour_, thick)
+    return np.ascontiguousarray(out)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB uint8 image as PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):
+        raise OSError(f"cannot write {path}")
+    return path
+
+
+def pr_curves(scores: np.ndarray, targets: np.ndarray, class_names: list[str], path: str | Path,
+              ap: np.ndarray | None = None) -> Path:
+    """One precision-recall curve per class (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    for c, name in enumerate(class_names):
+        pos = targets[:, c] > 0
+        if not pos.any():
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        tp = np.cumsum(pos[order])
+        precision = tp / np.arange(1, len(order) + 1)
+        recall = tp / pos.sum()
+        label = name if ap is None else f"{name} ({ap[c]:.2f})"
+        ax.plot(np.r_[0, recall], np.r_[1, precision], lw=1, label=label)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall per class")
+    ax.legend(fontsize=6, loc="lower left", ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

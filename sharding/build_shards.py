@@ -1,0 +1,557 @@
+"""EdgeBoxes proposals on a Ray actor pool, written as WebDataset shards (DESIGN.md, "Shards").
+
+    python sharding/build_shards.py --coco-root DIR --split train2017 --out SHARDS [options]
+    python sharding/build_shards.py --voc-root DIR --voc-split trainval --out SHARDS [options]
+    python sharding/build_shards.py --out SHARDS      # the built-in synthetic set
+
+Step 1 of the paper's pipeline (section 3: "We adopt EdgeBox for region proposal generation"), done
+once ahead of training. Writes SHARDS/<split>/<split>-NNNNNN.tar and SHARDS/<split>/manifest.json.
+
+How it works:
+- The shard plan is fixed up front from the record list alone: records in order, cut into shards
+  by estimated size (image file bytes + proposal bytes), so that a rerun knows exactly which
+  images belong to which shard.
+- Each shard is one task for a pool of Ray actors (one CPU each) spread over the cluster's nodes
+  (SPREAD). An actor computes the proposals of the shard's images and writes the shard under a
+  temporary name, renamed when whole (sharding/writer.py). A shard is the unit of parallel work:
+  a job uses at most as many actors as it has shards to build.
+- Images that cannot be used (missing file, corrupt or truncated image, a size that differs from
+  the annotation's) are skipped and listed in the manifest with the reason, never a crash.
+- If an actor dies, its shard goes to a new actor. The manifest is rewritten (atomically) after
+  every finished shard, so an interrupted job loses at most the shards in flight.
+- Resume: rerunning the same command keeps every shard whose manifest entry matches the plan and
+  whose file matches its size and sha256, and builds the rest. A manifest written with other
+  settings (data set, proposal parameters, shard size, limit) is replaced: everything is rebuilt.
+- Image bytes are stored as they are in the source file, never re-encoded: under `jpg` for JPEG
+  files, `png` for PNG files (other formats keep their own extension).
+
+Ray: `--address` joins that cluster; without it, RAY_ADDRESS or a running local cluster is joined,
+else a local Ray is started (with `--num-cpus` CPUs if given). `--actors 0` runs without Ray, in
+this process (debugging, tiny sets). On a multi-node cluster `--out` must be a path every node
+can write (a shared file system), and the job should be submitted with
+`ray job submit --working-dir . -- python sharding/build_shards.py ...` so that every node has this code.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from rgnn.data.images import decode_image  # noqa: E402
+from rgnn.data.records import ImageRecord, LabeledSet  # noqa: E402
+from rgnn.proposals import EdgeBoxes, ProposalParams  # noqa: E402
+from sharding.writer import remove_stale_temps, write_atomic, write_bytes_atomic  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+DEFAULT_SHARD_SIZE = 1 << 30  # about 1 GB (DESIGN.md)
+SAMPLE_OVERHEAD = 4096  # json + 4 tar headers and padding, per sample (for the size estimate)
+MAX_ATTEMPTS = 3  # a shard whose actor dies this often is an error, not bad luck
+PROGRESS_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard of the plan: its name and the records it holds, in order."""
+
+    index: int
+    name: str
+    records: tuple[ImageRecord, ...]
+
+    @property
+    def inputs(self) -> str:
+        """Fingerprint of the shard's inputs (ids and files): a kept shard must match it."""
+        ids = json.dumps([[str(r.image_id), r.path] for r in self.records])
+        return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def sample_key(image_id: int | str) -> str:
+    """The WebDataset key of an image: its id, with anything but letters, digits, `_` and `-`
+    (dots would split the key from the field names) replaced by `_`."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(image_id))
+
+
+def plan_shards(records: list[ImageRecord], split: str, shard_size: int, max_boxes: int) -> list[ShardTask]:
+    """Cut the records, in order, into shards of at most about `shard_size` bytes.
+
+    The estimate per image is its file size plus its proposals (`max_boxes` x 20 bytes) plus
+    SAMPLE_OVERHEAD; a shard holds at least one image. Deterministic for the same inputs.
+
+    Raises:
+        ValueError: shard_size < 1, or two image ids that map to the same sample key.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1 byte, got {shard_size}")
+    seen: dict[str, int | str] = {}
+    for r in records:
+        key = sample_key(r.image_id)
+        if key in seen:
+            raise ValueError(f"image ids {seen[key]!r} and {r.image_id!r} share the sample key {key!r}")
+        seen[key] = r.image_id
+    groups: list[list[ImageRecord]] = []
+    size = 0
+    for r in records:
+        try:
+            est = os.stat(r.path).st_size
+        except OSError:  # missing: skipped by the actor, listed in the manifest
+            est = 0
+        est += max_boxes * 20 + SAMPLE_OVERHEAD
+        if not groups or (size + est > shard_size and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(r)
+        size += est
+    return [ShardTask(i, f"{split}-{i:06d}.tar", tuple(g)) for i, g in enumerate(groups)]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def image_field(data: bytes, path: str) -> str:
+    """The sample field that holds an image's bytes: `jpg`, `png`, else the file's extension."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    ext = Path(path).suffix.lower().lstrip(".")
+    return {"jpeg": "jpg", "": "img"}.get(ext, ext)
+
+
+def make_sample(record: ImageRecord, proposer: Callable) -> dict:
+    """One shard sample (DESIGN.md, "Shards") for a record.
+
+    Raises:
+        FileNotFoundError / OSError: the image file cannot be read.
+        ValueError: it does not decode, or its size differs from the annotation's.
+    """
+    data = Path(record.path).read_bytes()
+    image = decode_image(data, name=record.path)
+    h, w = image.shape[:2]
+    if (w, h) != (record.width, record.height):
+        raise ValueError(f"{record.path}: image is {w}x{h} but the annotation says {record.width}x{record.height}")
+    boxes, scores = proposer(image)
+    meta = {
+        "id": record.image_id if isinstance(record.image_id, str) else int(record.image_id),
+        "file": record.path, "width": w, "height": h, "labels": [int(c) for c in record.labels],
+        "gt_boxes": [[*map(float, b), int(c)] for b, c in zip(record.gt_boxes, record.gt_classes)],
+        "difficult": [bool(d) for d in record.difficult],
+    }
+    return {"__key__": sample_key(record.image_id), image_field(data, record.path): data,
+            "boxes.npy": _npy(np.asarray(boxes, np.float32).reshape(-1, 4)),
+            "scores.npy": _npy(np.asarray(scores, np.float32).reshape(-1)),
+            "json": json.dumps(meta).encode()}
+
+
+def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    """Append one sample as WebDataset lays it out: members `<key>.<field>`, fields in sorted order.
+
+    Plain tarfile rather than webdataset's TarWriter, which loads torch: an actor then starts in
+    about half the time and memory. mtime 0 and fixed owners: the same inputs give the same bytes.
+    """
+    key = sample["__key__"]
+    for field in sorted(k for k in sample if k != "__key__"):
+        info = tarfile.TarInfo(f"{key}.{field}")
+        info.size, info.mtime, info.mode = len(sample[field]), 0, 0o444
+        info.uname = info.gname = "rgnn"
+        tar.addfile(info, io.BytesIO(sample[field]))
+
+
+def write_shard(task: ShardTask, split_dir: str, params: ProposalParams, edge_model: str | None = None,
+                report: Callable[[int], None] = lambda done: None) -> dict:
+    """Compute the proposals of a shard's images and write the shard (whole or not at all).
+
+    Each shard gets a fresh proposer, so that its bytes depend on its own inputs only: OpenCV's
+    EdgeBoxes object carries state from one image to the next (its scores shift slightly), and a
+    rebuilt shard must equal the original whichever actor built what before.
+
+    Args:
+        report: called with the number of images handled so far (progress).
+
+    Returns:
+        the shard's manifest entry {name, samples, sha256, bytes, inputs} plus `skipped`,
+        a list of {image, reason, shard} for the images left out.
+    """
+    proposer = EdgeBoxes(params, edge_model)
+    skipped, samples = [], 0
+
+    def fill(stream) -> None:
+        nonlocal samples
+        tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        for i, record in enumerate(task.records):
+            try:
+                _add_sample(tar, make_sample(record, proposer))
+                samples += 1
+            except FileNotFoundError:
+                skipped.append({"image": record.path, "reason": "image file missing", "shard": task.name})
+            except (OSError, ValueError, cv2.error) as e:
+                skipped.append({"image": record.path, "reason": str(e).strip(), "shard": task.name})
+            report(i + 1)
+        tar.close()  # writes the end-of-archive blocks; the stream itself is write_atomic's
+
+    sha, size = write_atomic(f"{split_dir}/{task.name}", fill)
+    for s in skipped:
+        log.warning("skipped %s: %s", s["image"], s["reason"])
+    return {"name": task.name, "samples": samples, "sha256": sha, "bytes": size, "inputs": task.inputs,
+            "skipped": skipped}
+
+
+@ray.remote(num_cpus=0)
+class _Progress:
+    """Images handled per shard, reported by the workers, read by the driver's progress bar."""
+
+    def __init__(self):
+        self.done: dict[int, int] = {}
+
+    def report(self, shard: int, done: int) -> None:
+        self.done[shard] = done  # a resubmitted shard starts again from 0
+
+    def total(self) -> int:
+        return sum(self.done.values())
+
+
+@ray.remote(num_cpus=1)
+class ShardWorker:
+    """Computes proposals and writes shards; one CPU, one thread (many of them share a node)."""
+
+    def __init__(self, params: ProposalParams, edge_model: str | None, split_dir: str, progress):
+        cv2.setNumThreads(1)
+        if "torch" in sys.modules:  # nothing here loads torch (see _reader); should anything, one thread
+            sys.modules["torch"].set_num_threads(1)
+        self.params, self.edge_model = params, edge_model
+        self.split_dir = split_dir
+        self.progress = progress
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def build(self, task: ShardTask) -> dict:
+        last = [0.0]
+
+        def report(done: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S or done == len(task.records):
+                last[0] = now
+                self.progress.report.remote(task.index, done)
+
+        return write_shard(task, self.split_dir, self.params, self.edge_model, report)
+
+
+def _settings(labeled_set: LabeledSet, params: ProposalParams, edge_model: str | None,
+              shard_size: int, limit: int | None, records: int) -> dict:
+    """What a manifest must agree on for its shards to be kept."""
+    return {"format": MANIFEST_FORMAT, "dataset": labeled_set.name,
+            "proposals": {**params.to_dict(), "edge_model": edge_model},
+            "shard_size": shard_size, "limit": limit, "records": records}
+
+
+class _Manifest:
+    """The manifest of one split, rewritten whole after every change."""
+
+    def __init__(self, split_dir: str, labeled_set: LabeledSet, settings: dict, plan: list[ShardTask]):
+        self.path = f"{split_dir}/{_reader().MANIFEST}"
+        self.split_dir = split_dir
+        head = {**settings, "split": labeled_set.name.rsplit("/", 1)[-1],
+                "class_names": list(labeled_set.class_names),
+                "category_ids": [int(c) for c in labeled_set.category_ids], "shards_planned": len(plan)}
+        self.head = json.loads(json.dumps(head))  # as a reread manifest holds it (tuples -> lists)
+        self.read_skipped = [{"image": str(image), "reason": reason} for image, reason in labeled_set.skipped]
+        self.entries: dict[str, dict] = {}  # name -> entry, with its `skipped`
+        self.job = {"actors": 0, "nodes": [], "resubmitted": []}
+
+    def resume(self, plan: list[ShardTask]) -> list[ShardTask]:
+        """Keep the verified shards of a previous run with the same settings; return the rest."""
+        try:
+            old = _reader().read_manifest(self.split_dir)
+        except FileNotFoundError:
+            old = None
+        except ValueError as e:
+            log.warning("%s; rebuilding every shard", e)
+            old = None
+        if old is not None and any(old.get(k) != v for k, v in self.head.items() if k != "shards_planned"):
+            log.warning("%s was written with other settings; rebuilding every shard", self.path)
+            old = None
+        if old is not None:
+            by_name = {t.name: t for t in plan}
+            for e in old["shards"]:
+                task = by_name.get(e["name"])
+                if task is None or e.get("inputs") != task.inputs:
+                    continue
+                try:
+                    _reader().check_shard(self.split_dir, e)
+                except (FileNotFoundError, ValueError) as err:
+                    log.info("rebuilding: %s", err)
+                    continue
+                skipped = [s for s in old["skipped"] if s.get("shard") == e["name"]]
+                self.entries[e["name"]] = {**e, "skipped": skipped}
+        return [t for t in plan if t.name not in self.entries]
+
+    def add(self, result: dict) -> None:
+        self.entries[result["name"]] = result
+        self.write()
+
+    def write(self) -> None:
+        entries = [self.entries[k] for k in sorted(self.entries)]
+        doc = {**self.head,
+               "complete": len(entries) == self.head["shards_planned"],
+               "samples": sum(e["samples"] for e in entries),
+               "shards": [{k: v for k, v in e.items() if k != "skipped"} for e in entries],
+               "skipped": self.read_skipped + [s for e in entries for s in e["skipped"]],
+               "job": self.job}
+        write_bytes_atomic(self.path, json.dumps(doc, indent=1).encode())
+
+
+def _reader():
+    """rgnn.data.shards (manifest reading and shard checks), imported by the driver only: it loads
+    torch, which the actors never need."""
+    from rgnn.data import shards  # noqa: PLC0415
+
+    return shards
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool | None = None) -> None:
+    """Join `address`, else RAY_ADDRESS or a running local cluster, else start a local Ray
+    (a new local one, of `num_cpus` CPUs, when num_cpus is given).
+
+    A local Ray started here gets this checkout on its workers' PYTHONPATH so that they import
+    `sharding` (a submitted job ships it with --working-dir instead).
+
+    Raises:
+        ValueError: num_cpus with an address (the CPUs of a running cluster are not ours to set).
+    """
+    if ray.is_initialized():
+        return
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if num_cpus is None:
+        ray.init(address=address, include_dashboard=include_dashboard)
+    elif address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard)
+    else:
+        raise ValueError(f"--num-cpus {num_cpus} applies to a new local Ray, not to --address {address}")
+
+
+def _run_inline(todo: list[ShardTask], manifest: _Manifest, params: ProposalParams, edge_model: str | None,
+                bar: tqdm) -> None:
+    for task in todo:
+        base = bar.n
+        manifest.add(write_shard(task, manifest.split_dir, params, edge_model,
+                                 lambda done: bar.update(base + done - bar.n)))
+
+
+def _run_on_ray(todo: list[ShardTask], manifest: _Manifest, actors: int | None, params: ProposalParams,
+                edge_model: str | None, bar: tqdm) -> None:
+    """Run the shard tasks on a pool of actors; a dead actor's shard goes to a new actor."""
+    if actors is None:
+        actors = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    n = min(actors, len(todo))
+    if n < actors:
+        log.warning("%d shards to build for %d actors: only %d actors used (a smaller --shard-size "
+                    "gives more, smaller shards)", len(todo), actors, n)
+    progress = _Progress.remote()
+    token = uuid.uuid4().hex[:8]
+    pool, node_refs = [], []
+
+    def new_actor() -> ray.actor.ActorHandle:
+        name = f"rgnn-shards-{manifest.head['split']}-{token}-{len(pool)}"
+        actor = ShardWorker.options(name=name, scheduling_strategy="SPREAD").remote(
+            params, edge_model, manifest.split_dir, progress)
+        pool.append(actor)
+        node_refs.append(actor.node_id.remote())
+        return actor
+
+    idle = collections.deque(new_actor() for _ in range(n))
+    queue, running, attempts = collections.deque(todo), {}, collections.Counter()
+    manifest.job["actors"] = n
+    try:
+        while queue or running:
+            while queue and idle:
+                task, actor = queue.popleft(), idle.popleft()
+                running[actor.build.remote(task)] = (task, actor)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_EVERY_S)
+            for ref in ready:
+                task, actor = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    attempts[task.name] += 1
+                    if attempts[task.name] >= MAX_ATTEMPTS:
+                        raise RuntimeError(f"shard {task.name}: its actor died {MAX_ATTEMPTS} times; "
+                                           f"last: {e}") from e
+                    log.warning("actor building %s died (%s); resubmitting it to a new actor",
+                                task.name, type(e).__name__)
+                    ray.kill(actor)  # if it is only unreachable, it must not write on
+                    manifest.job["resubmitted"].append(task.name)
+                    queue.appendleft(task)
+                    idle.append(new_actor())
+                    continue
+                manifest.add(result)
+                idle.append(actor)
+            bar.update(max(min(ray.get(progress.total.remote()), bar.total) - bar.n, 0))
+        bar.update(bar.total - bar.n)
+        manifest.job["nodes"] = sorted({node for node in _gather(node_refs) if node})
+        manifest.write()
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+        ray.kill(progress)
+
+
+def _gather(refs: list, timeout: float = 10.0) -> list:
+    """Results of refs that succeed within `timeout` (None for those that fail or time out)."""
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=timeout))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            out.append(None)
+    return out
+
+
+def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | None = None,
+                 params: ProposalParams = ProposalParams(), shard_size: int = DEFAULT_SHARD_SIZE,
+                 edge_model: str | Path | None = None, limit: int | None = None, progress: bool = True) -> Path:
+    """Compute proposals and write the shards and manifest of one split (see the module docstring).
+
+    Joins the Ray that is initialised, or starts (or joins) one as `init_ray()` does.
+
+    Args:
+        labeled_set: the split's records; its name's last part ("coco/train2017" -> "train2017")
+            names the output folder and the shards.
+        out_dir: SHARDS; the split goes to SHARDS/<split>/.
+        actors: actor count (default: one per CPU of the cluster); 0 runs in this process, no Ray.
+        params: EdgeBoxes parameters (params.max_boxes = T proposals kept per image).
+        shard_size: target shard size in bytes.
+        edge_model: OpenCV structured-edge model file (model.yml.gz); default: gradient edges.
+        limit: use only the first `limit` records.
+        progress: show a progress bar (images/s).
+
+    Returns:
+        SHARDS/<split>.
+
+    Raises:
+        ValueError: a bad argument; RuntimeError: a shard whose actor keeps dying.
+    """
+    if actors is not None and actors < 0:
+        raise ValueError(f"actors must be >= 0, got {actors}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if edge_model is not None:
+        edge_model = str(Path(edge_model).expanduser().resolve())
+        if not Path(edge_model).is_file():
+            raise FileNotFoundError(f"edge model file not found: {edge_model}")
+    records = labeled_set.records[:limit] if limit is not None else labeled_set.records
+    split = labeled_set.name.rsplit("/", 1)[-1]
+    split_dir = f"{str(out_dir).rstrip('/')}/{split}"
+    plan = plan_shards(records, split, shard_size, params.max_boxes)
+    manifest = _Manifest(split_dir, labeled_set, _settings(labeled_set, params, edge_model, shard_size, limit,
+                                                           len(records)), plan)
+    remove_stale_temps(split_dir)
+    todo = manifest.resume(plan)
+    manifest.write()
+    kept = len(plan) - len(todo)
+    if kept:
+        log.info("%s: keeping %d verified shards, building %d", split_dir, kept, len(todo))
+    with tqdm(total=sum(len(t.records) for t in todo), unit="img", desc=f"shards {split}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        if todo and actors == 0:
+            _run_inline(todo, manifest, params, edge_model, bar)
+        elif todo:
+            init_ray()
+            _run_on_ray(todo, manifest, actors, params, edge_model, bar)
+    return Path(split_dir)
+
+
+def parse_size(text: str) -> int:
+    """'1073741824', '1G', '500M', '64k' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1073741824, 1G, 500M)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python sharding/build_shards.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input (one of; neither: the built-in synthetic set)")
+    src.add_argument("--coco-root", help="COCO root holding annotations/instances_<split>.json and <split>/")
+    src.add_argument("--split", default="train2017", help="COCO (or synthetic) split (default train2017)")
+    src.add_argument("--voc-root", help="VOCdevkit, or VOCdevkit/VOC2007 itself")
+    src.add_argument("--voc-split", default="trainval", help="VOC image set (default trainval)")
+    src.add_argument("--voc-year", help="VOC year when --voc-root holds several (e.g. 2007)")
+    src.add_argument("--synthetic-dir", default="~/.cache/rgnn/synthetic-200-50-seed0",
+                     help="where the synthetic set is generated if missing (default %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="shards", help="SHARDS folder; writes SHARDS/<split>/ (default ./shards)")
+    out.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
+                     help="target shard size in bytes, suffixes K/M/G allowed (default 1G); a shard "
+                          "is the unit of parallel work, so the job uses at most as many actors as shards")
+    out.add_argument("--limit", type=int, help="only the first N images (smoke runs)")
+    prop = p.add_argument_group("proposals (EdgeBoxes)")
+    prop.add_argument("--max-boxes", type=int, default=ProposalParams().max_boxes,
+                      help="T, proposals kept per image (default %(default)s)")
+    prop.add_argument("--edge-model", help="OpenCV structured-edge model (model.yml.gz) for the paper's "
+                                           "edge maps; default: gradient edges, no file needed")
+    cl = p.add_argument_group("Ray")
+    cl.add_argument("--actors", type=int, help="actors (default: one per CPU of the cluster; 0: no Ray, "
+                                               "run in this process)")
+    cl.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a running "
+                                      "local cluster, else a new local Ray)")
+    cl.add_argument("--num-cpus", type=int, help="CPUs of a new local Ray (default: all of this machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if a.coco_root and a.voc_root:
+        p.error("give --coco-root or --voc-root, not both")
+    if a.voc_root:
+        from rgnn.data.voc import read_voc  # noqa: PLC0415
+
+        labeled = read_voc(a.voc_root, a.voc_split, a.voc_year)
+    else:
+        from rgnn.data.coco import read_coco  # noqa: PLC0415
+
+        root = a.coco_root
+        if root is None:
+            from rgnn.data.synthetic import generate  # noqa: PLC0415
+
+            root = Path(a.synthetic_dir).expanduser()
+            if not (root / "annotations" / f"instances_{a.split}.json").is_file():
+                generate(root)
+        labeled = read_coco(root, a.split)
+    params = dataclasses.replace(ProposalParams(), max_boxes=a.max_boxes)
+    if a.actors != 0:
+        init_ray(a.address, a.num_cpus)
+    t0 = time.time()
+    split_dir = build_shards(labeled, a.out, actors=a.actors, params=params, shard_size=a.shard_size,
+                             edge_model=a.edge_model, limit=a.limit, progress=not a.no_progress)
+    m = _reader().read_manifest(split_dir)
+    print(f"{split_dir}: {m['samples']} samples in {len(m['shards'])} shards, {len(m['skipped'])} inputs "
+          f"skipped (listed in {_reader().MANIFEST}), {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The shard format and the reading side (rgnn.data.shards). Shards are built in this process
+(`actors=0`, no Ray); tests/test_sharding.py runs the Ray job."""
+import hashlib
+import io
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+
+from rgnn.data import shards  # noqa: E402
+from rgnn.data.coco import read_coco  # noqa: E402
+from rgnn.data.records import LabeledSet  # noqa: E402
+from rgnn.proposals import ProposalParams  # noqa: E402
+from sharding.build_shards import build_shards, plan_shards  # noqa: E402
+
+MAX_BOXES = 60
+
+
+def tar_samples(path) -> dict[str, dict[str, bytes]]:
+    """key -> {field: bytes} of one shard, read with plain tarfile (independent of the reader)."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, field = m.name.split(".", 1)
+            out.setdefault(key, {})[field] = tar.extractfile(m).read()
+    return out
+
+
+def _three_unequal_shards(records, max_boxes):
+    """A shard size that cuts `records` into exactly 3 shards of different sizes."""
+    for size in range(20_000, 400_000, 1_000):
+        counts = [len(t.records) for t in plan_shards(records, "x", size, max_boxes)]
+        if len(counts) == 3 and len(set(counts)) > 1:
+            return size
+    raise AssertionError("no shard size gives 3 unequal shards")
+
+
+@pytest.fixture(scope="module")
+def built(synthetic_root, tmp_path_factory):
+    """23 images (an odd count) in 3 shards of unequal size."""
+    labeled = read_coco(synthetic_root, "train2017")
+    labeled = LabeledSet(labeled.name, labeled.class_names, labeled.records[:23], labeled.category_ids)
+    size = _three_unequal_shards(labeled.records, MAX_BOXES)
+    out = build_shards(labeled, tmp_path_factory.mktemp("shards"), actors=0, shard_size=size,
+                       params=ProposalParams(max_boxes=MAX_BOXES), progress=False)
+    return out, labeled
+
+
+def test_manifest_and_format(built):
+    split_dir, labeled = built
+    m = shards.read_manifest(split_dir)
+    assert split_dir.name == "train2017" and m["split"] == "train2017" and m["complete"]
+    assert m["class_names"] == labeled.class_names and m["category_ids"] == labeled.category_ids
+    assert m["proposals"]["max_boxes"] == MAX_BOXES and m["records"] == 23
+    assert [e["name"] for e in m["shards"]] == [f"train2017-{i:06d}.tar" for i in range(3)]
+    assert len({e["samples"] for e in m["shards"]}) > 1
+    assert sum(e["samples"] for e in m["shards"]) == m["samples"] == 23 and m["skipped"] == []
+    by_id = {str(r.image_id): r for r in labeled.records}
+    seen = []
+    for e in m["shards"]:
+        path = split_dir / e["name"]
+        data = path.read_bytes()
+        assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"]
+        samples = tar_samples(path)
+        assert len(samples) == e["samples"]
+        for key, s in samples.items():
+            rec = by_id[key]
+            seen.append(key)
+            assert set(s) == {"jpg", "boxes.npy", "scores.npy", "json"}
+            assert s["jpg"] == Path(rec.path).read_bytes()  # never re-encoded
+            boxes = np.load(io.BytesIO(s["boxes.npy"]))
+            scores = np.load(io.BytesIO(s["scores.npy"]))
+            assert boxes.dtype == scores.dtype == np.float32
+            assert boxes.shape == (len(scores), 4) and 0 < len(scores) <= MAX_BOXES
+            assert np.all(np.diff(scores) <= 0)
+            assert np.all(boxes[:, 2:] > boxes[:, :2]) and boxes.min() >= 0
+            assert np.all(boxes[:, [2, 3]] <= [rec.width, rec.height])
+            meta = json.loads(s["json"])
+            assert meta["id"] == rec.image_id and meta["file"] == rec.path
+            assert (meta["width"], meta["height"]) == (rec.width, rec.height) and meta["labels"] == rec.labels
+            gt = np.asarray(meta["gt_boxes"], np.float32).reshape(-1, 5)
+            np.testing.assert_allclose(gt[:, :4], rec.gt_boxes)
+            assert gt[:, 4].astype(int).tolist() == rec.gt_classes.tolist()
+            assert meta["difficult"] == rec.difficult.tolist()
+    assert seen == [str(r.image_id) for r in labeled.records]  # every image once, in plan order
+    shards.verify_shards(split_dir)
+
+
+def test_batch_contents(built):
+    split_dir, labeled = built
+    by_id = {r.image_id: r for r in labeled.records}
+    raw = {k: v for e in shards.read_manifest(split_dir)["shards"] for k, v in tar_samples(split_dir / e["name"]).items()}
+    batches = list(shards.shard_loader(split_dir, batch_size=4, image_size=64, max_size=80, max_regions=7,
+                                       for_eval=True))
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 3]
+    b = batches[0]
+    C = len(labeled.class_names)
+    assert b.images.dtype == torch.float32 and b.images.shape[:2] == (4, 3)
+    assert b.image_sizes.dtype == torch.long and b.targets.shape == b.ignore.shape == (4, C)
+    assert b.images.shape[2:] == tuple(b.image_sizes.max(0).values.tolist())
+    for i, image_id in enumerate(b.ids):
+        rec = by_id[image_id]
+        h, w = b.image_sizes[i].tolist()
+        assert min(h, w) == 64 or max(h, w) == 80  # shorter side S unless the longer side hits the cap
+        assert max(h, w) <= 80
+        assert torch.all(b.images[i, :, h:, :] == 0) and torch.all(b.images[i, :, :, w:] == 0)
+        assert b.images[i, :, :h, :w].abs().sum() > 0
+        sx, sy = w / rec.width, h / rec.height
+        scale = torch.tensor([sx, sy, sx, sy])
+        props = np.load(io.BytesIO(raw[str(image_id)]["boxes.npy"]))
+        scores = np.load(io.BytesIO(raw[str(image_id)]["scores.npy"]))
+        top = torch.from_numpy(props[np.argsort(-scores, kind="stable")[:7]]) * scale
+        top[:, 0::2].clamp_(0, w)
+        top[:, 1::2].clamp_(0, h)
+        torch.testing.assert_close(b.boxes[i], top)
+        torch.testing.assert_close(b.gt_boxes[i], torch.from_numpy(rec.gt_boxes) * scale)
+        assert b.gt_classes[i].tolist() == rec.gt_classes.tolist()
+        assert b.targets[i].tolist() == rec.target(C).tolist()
+        assert not b.ignore[i].any()  # COCO has no difficult boxes
+    moved = b.to("cpu")
+    assert torch.equal(moved.images, b.images) and moved.ids == b.ids
+
+
+def test_global_stage_squares_without_regions(built):
+    split_dir, _ = built
+    b = next(iter(shards.shard_loader(split_dir, batch_size=5, global_size=48, seed=3)))
+    assert b.images.shape == (5, 3, 48, 48)
+    assert b.image_sizes.tolist() == [[48, 48]] * 5
+    assert all(x.shape == (0, 4) for x in b.boxes)
+    assert all(float(g.max()) <= 48 for g in b.gt_boxes if len(g))
+
+
+def test_difficult_boxes_set_ignore(tmp_path, synthetic_root):
+    """A class whose boxes are all VOC-difficult is flagged in Batch.ignore (VOC AP skips it)."""
+    labeled = read_coco(synthetic_root, "val2017")
+    rec = next(r for r in labeled.records if len(set(r.gt_classes.tolist())) >= 2)
+    hard = int(rec.gt_classes[0])
+    rec.difficult = rec.gt_classes == hard
+    split_dir = build_shards(LabeledSet("voc/test", labeled.class_names, [rec], labeled.category_ids), tmp_path,
+                             actors=0, params=ProposalParams(max_boxes=10), progress=False)
+    b = next(iter(shards.shard_loader(split_dir, batch_size=1, image_size=32, for_eval=True)))
+    assert b.ignore[0].nonzero().flatten().tolist() == [hard]
+    assert b.targets[0, hard] == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_get_equal_batch_counts(built, num_workers):
+    """3 shards of unequal size on 2 ranks: both ranks yield steps_per_epoch full batches."""
+    split_dir, _ = built
+    steps = shards.steps_per_epoch(split_dir, batch_size=3, world_size=2)
+    assert steps == 23 // 2 // 3
+    counts = []
+    for rank in range(2):
+        loader = shards.shard_loader(split_dir, batch_size=3, image_size=32, max_regions=5, rank=rank,
+                                     world_size=2, num_workers=num_workers, seed=1, epoch=2)
+        batches = list(loader)
+        assert len(loader) == len(batches) == steps
+        assert all(len(b) == 3 for b in batches)
+        counts.append(len(batches))
+    assert counts[0] == counts[1]
+
+
+def test_more_slots_than_shards_still_balanced(built):
+    """4 ranks x 2 DataLoader workers = 8 slots over 3 shards: shards are cut into parts, and every
+    rank still yields exactly steps_per_epoch batches."""
+    split_dir, _ = built
+    steps = shards.steps_per_epoch(split_dir, batch_size=2, world_size=4)
+    for rank in range(4):
+        loader = shards.shard_loader(split_dir, batch_size=2, image_size=16, max_regions=1, rank=rank,
+                                     world_size=4, num_workers=2, seed=0)
+        assert len(list(loader)) == len(loader) == steps
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_covers_every_sample_once(built, num_workers):
+    split_dir, labeled = built
+    per_rank = []
+    for rank in range(2):
+        loader = shards.shard_loader(split_dir, batch_size=4, image_size=32, max_regions=3, rank=rank,
+                                     world_size=2, num_workers=num_workers, for_eval=True)
+        batches = list(loader)
+        assert len(loader) == len(batches)
+        per_rank.append([i for b in batches for i in b.ids])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(r.image_id for r in labeled.records)
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(map(len, per_rank)) == [11, 12]
+
+
+def test_shuffle_is_seeded_per_epoch(built):
+    split_dir, _ = built
+
+    def order(epoch):
+        return [i for b in shards.shard_loader(split_dir, batch_size=3, image_size=16, max_regions=1,
+                                               seed=5, epoch=epoch) for i in b.ids]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+
+
+def test_missing_or_corrupt_shard_is_named(built, tmp_path):
+    src, _ = built
+    name = "train2017-000001.tar"
+
+    def copy():
+        dst = tmp_path / f"copy{len(list(tmp_path.iterdir()))}" / "train2017"
+        shutil.copytree(src, dst)
+        return dst
+
+    d = copy()
+    (d / name).unlink()
+    with pytest.raises(FileNotFoundError, match=name):
+        shards.shard_loader(d, batch_size=2)
+    with pytest.raises(FileNotFoundError, match=name):
+        shards.verify_shards(d)
+
+    d = copy()
+    data = (d / name).read_bytes()
+    (d / name).write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=name):
+        shards.shard_loader(d, batch_size=2)
+
+    d = copy()
+    flipped = bytearray((d / name).read_bytes())
+    flipped[700] ^= 0xFF  # same size, different bytes
+    (d / name).write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=name):
+        shards.verify_shards(d)
+
+    d = copy()
+    junk = bytes(len(data))  # right size, not a tar: the reader names the shard
+    (d / name).write_bytes(junk)
+    with pytest.raises(ValueError, match=name):
+        list(shards.shard_loader(d, batch_size=2, for_eval=True))
+
+
+def test_manifest_errors_name_the_file(tmp_path, built):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        shards.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=str(tmp_path / "manifest.json")):
+        shards.read_manifest(tmp_path)
+    src, _ = built
+    d = tmp_path / "incomplete"
+    shutil.copytree(src, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["complete"] = False
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="incomplete"):
+        shards.verify_shards(d)
+    with pytest.raises(ValueError, match="incomplete"):
+        shards.shard_loader(d, batch_size=2)
+
+
+def test_png_source_keeps_its_bytes(tmp_path, synthetic_root):
+    labeled = read_coco(synthetic_root, "val2017")
+    rec = labeled.records[0]
+    image = cv2.imread(rec.path, cv2.IMREAD_GRAYSCALE)  # a grayscale PNG
+    png = tmp_path / "img.png"
+    cv2.imwrite(str(png), image)
+    rec.path = str(png)
+    split_dir = build_shards(LabeledSet("x/val2017", labeled.class_names, [rec], labeled.category_ids),
+                             tmp_path / "out", actors=0, params=ProposalParams(max_boxes=10), progress=False)
+    (s,) = tar_samples(split_dir / "val2017-000000.tar").values()
+    assert set(s) == {"png", "boxes.npy", "scores.npy", "json"} and s["png"] == png.read_bytes()
+    b = next(iter(shards.shard_loader(split_dir, batch_size=1, image_size=24, for_eval=True)))
+    assert b.images.shape[1] == 3 and min(b.image_sizes[0].tolist()) == 24
+
+
+def test_bad_arguments(built):
+    split_dir, _ = built
+    for kwargs in ({"batch_size": 0}, {"batch_size": 2, "rank": 2, "world_size": 2},
+                   {"batch_size": 2, "max_regions": -1}):
+        with pytest.raises(ValueError):
+            shards.shard_loader(split_dir, **kwargs)
+    with pytest.raises(ValueError):
+        shards.steps_per_epoch(split_dir, batch_size=0, world_size=1)
+    assert shards.class_names(split_dir) == shards.read_manifest(split_dir)["class_names"]

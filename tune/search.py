@@ -1,0 +1,168 @@
+"""Search lambda schedules and learning rates with Ray Tune: `python tune/search.py [flags]`.
+
+Every trial is a training run of cluster/train_coco.py's engine (Ray Train DDP inside the trial)
+and a nested MLflow run under one parent run per search, so the MLflow UI's compare view lines
+trials up. ASHA stops weak trials early on `val/mAP`, reported after every epoch of the joint
+stage. When the space touches only stage-4 settings (the default: lr, lambda schedule family
+and parameters), stages 1-3 run once and every trial starts stage 4 from that checkpoint.
+The best trial's full config goes to OUT/best_config.json, which `train_coco.py --config` takes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+
+from cluster.data import prepare_shards  # noqa: E402
+from cluster.train_coco import init_ray, train  # noqa: E402
+from rgnn.config import TrainConfig, build_parser, load_file, resolve  # noqa: E402
+from rgnn.tracking import RunLogger, git_commit, resolve_tracking_uri, start_run  # noqa: E402
+from tune.plots import plot_trials  # noqa: E402
+from tune.space import apply, load_space, shares_stages, to_tune  # noqa: E402
+
+METRIC = "val/mAP"
+STATE_FILE = "search_state.json"
+# What a trial's config must not carry into best_config.json: run bookkeeping, not settings.
+RUNTIME_FIELDS = ("name", "resume", "start_stage", "init_checkpoint", "eval_every_epoch")
+
+
+def build_search_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "tune/search.py"
+    p.description = __doc__.split("\n\n")[0] + " Training flags set the base config of every trial."
+    s = p.add_argument_group("search")
+    s.add_argument("--space", help="JSON/YAML search space (replaces the default lr + lambda space)")
+    s.add_argument("--search", choices=("random", "grid", "optuna"), default="random",
+                   help="random sampling, a grid, or Optuna's TPE (pip install -e '.[optuna]')")
+    s.add_argument("--trials", type=int, help="trials to sample, with grid: repeats of the grid (default 8; smoke test 4)")
+    s.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
+    s.add_argument("--no-share-stages", action="store_true",
+                   help="run stages 1-3 in every trial even when the space allows sharing them")
+    s.add_argument("--out", default="tune_results", help="folder for best_config.json, the plot and Tune's state")
+    s.set_defaults(workers=1)
+    return p
+
+
+def run_trial(params: dict, base: dict, shard_dirs: tuple[str, str], parent_run_id: str,
+              init_checkpoint: str | None, storage: str) -> None:
+    """One Tune trial: one training run reporting to Tune every epoch."""
+    cfg = apply(TrainConfig(**base), params)
+    trial_id = tune.get_context().get_trial_id()
+    cfg.name, cfg.storage, cfg.eval_every_epoch = f"trial-{trial_id}", storage, True
+    if init_checkpoint:
+        cfg.start_stage, cfg.init_checkpoint = "joint", init_checkpoint
+    train(resolve(cfg), callbacks=[TuneReportCallback()], shard_dirs=tuple(Path(d) for d in shard_dirs),
+          parent_run_id=parent_run_id, label=f"trial {trial_id}")
+
+
+def _searcher(kind: str):
+    if kind != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise SystemExit("--search optuna needs Optuna: pip install -e '.[optuna]'") from None
+    return OptunaSearch()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = vars(build_search_parser().parse_args(argv))
+    search_keys = ("space", "search", "trials", "max_concurrent", "no_share_stages", "out")
+    opts = {k: args.pop(k) for k in search_keys}
+    args.pop("summary", None)
+    values = load_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    base = TrainConfig(**values)
+    opts["trials"] = opts["trials"] or (4 if base.smoke_test else 8)
+    base = resolve(base)
+    base.tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    space = load_space(opts["space"])
+    share = shares_stages(space) and not opts["no_share_stages"]
+    out = Path(opts["out"]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = str(Path(base.storage).expanduser().resolve()) if "://" not in base.storage else base.storage
+    state_file = out / STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if args.get("resume") and not state:
+        raise SystemExit(f"--resume: no search to resume in {out}")
+
+    init_ray()
+    shard_dirs = tuple(str(d) for d in prepare_shards(base))
+    if "parent_run_id" not in state:
+        state["parent_run_id"] = start_run(
+            base.tracking_uri, base.experiment, f"search {out.name}",
+            {**base.flat(), "search": opts["search"], "trials": str(opts["trials"]), "space": json.dumps(space),
+             "share_stages": str(share)},
+            {"kind": "search", "git_commit": git_commit(), "dataset": base.dataset})
+        state_file.write_text(json.dumps(state))
+    parent = state["parent_run_id"]
+
+    init_checkpoint = None
+    if share:  # stages 1-3 once; their checkpoint starts every trial's stage 4
+        if "shared_checkpoint" not in state:
+            shared = resolve(TrainConfig(**{**base.to_dict(), "epochs": base.epochs[:3] + [0],
+                                            "name": f"{out.name}-stages-1-3"}))
+            summary = train(shared, shard_dirs=tuple(Path(d) for d in shard_dirs),
+                            parent_run_id=parent, label="stages 1-3 (shared)")
+            state["shared_checkpoint"] = summary["checkpoint"]
+            state_file.write_text(json.dumps(state))
+        init_checkpoint = state["shared_checkpoint"]
+
+    trainable = tune.with_parameters(run_trial, base=base.to_dict(), shard_dirs=shard_dirs, parent_run_id=parent,
+                                     init_checkpoint=init_checkpoint, storage=str(Path(storage) / "trials"))
+    # The trial's driver function only waits on its TorchTrainer: the workers hold the resources.
+    trainable = tune.with_resources(trainable, {"CPU": 0})
+    reports = base.epochs[3] if share else sum(base.epochs)
+    tune_dir = out / "ray_tune"
+    if args.get("resume") and tune.Tuner.can_restore(str(tune_dir / "search")):
+        tuner = tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(space, opts["search"]),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=opts["trials"], max_concurrent_trials=opts["max_concurrent"],
+                search_alg=_searcher(opts["search"]),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(reports, 1), grace_period=1,
+                                        reduction_factor=2)),
+            run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
+    grid = tuner.fit()
+    return finish(grid, base, space, out, parent)
+
+
+def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict:
+    """best_config.json, the mAP vs lr / lambda schedule plot, both on the parent run."""
+    rows = []
+    for r in grid:
+        if r.metrics and METRIC in r.metrics:
+            params = {k: r.config[k] for k in space if k in r.config}
+            rows.append({"params": params, "val_map": float(r.metrics[METRIC])})
+    if not rows:
+        raise SystemExit(f"no trial reported {METRIC}; see the errors above and in {out / 'ray_tune'}")
+    best = max(rows, key=lambda r: r["val_map"])
+    best_cfg = apply(TrainConfig(**base.to_dict()), best["params"]).to_dict()
+    for k in RUNTIME_FIELDS:
+        best_cfg.pop(k)
+    (out / "best_config.json").write_text(json.dumps(best_cfg, indent=2))
+    (out / "trials.json").write_text(json.dumps(rows, indent=2))
+    plot_trials(rows, out / "map_vs_lr.png")
+    log = RunLogger(base.tracking_uri, parent)
+    for name in ("best_config.json", "trials.json", "map_vs_lr.png"):
+        log.artifact(out / name)
+    log.metric("best/val_mAP", best["val_map"], 0)
+    log.client.set_terminated(parent, "FINISHED")
+    print(f"\n{len(rows)} trials; best val mAP {best['val_map']:.4f} with {best['params']}")
+    print(f"best config: {out / 'best_config.json'}  (python cluster/train_coco.py --config {out / 'best_config.json'})")
+    print(f"MLflow parent run {parent} at {base.tracking_uri}: mlflow ui --backend-store-uri {base.tracking_uri}")
+    return {"parent_run_id": parent, "best": best, "trials": rows}
+
+
+if __name__ == "__main__":
+    main()

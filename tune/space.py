@@ -1,0 +1,87 @@
+"""The search space: TrainConfig fields -> distributions, as data (JSON/YAML) turned into Ray Tune's.
+
+A space file maps a TrainConfig field (or `lr_<stage>` for one stage's learning rate) to one of
+    {"loguniform": [low, high]}, {"uniform": [low, high]}, {"choice": [a, b, ...]},
+    {"grid": [a, b, ...]}, or a plain value (held fixed).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+from ray import tune
+
+from rgnn.config import TrainConfig
+from rgnn.schedule import STAGES
+
+# Section 4.2 fixes lambda going "slowly" from 1 to 0 and one learning rate; these are the open choices.
+DEFAULT_SPACE = {
+    "lr": {"loguniform": [1e-5, 3e-3]},
+    "lambda_schedule": {"choice": ["constant", "linear", "cosine", "step", "exponential"]},
+    "lambda_start": {"uniform": [0.5, 2.0]},
+    "lambda_rate": {"uniform": [2.0, 8.0]},
+}
+# Keys that change only stage 4: a search over these alone can share stages 1-3 between trials.
+JOINT_ONLY = {"lr", "lr_joint", "lambda_schedule", "lambda_start", "lambda_end", "lambda_rate", "lambda_steps"}
+GRID_POINTS = 3
+
+
+def load_space(path: str | Path | None) -> dict:
+    if path is None:
+        return dict(DEFAULT_SPACE)
+    try:
+        space = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"search space file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid JSON/YAML: {e}") from None
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"{path}: expected a non-empty mapping of setting -> distribution")
+    check_space(space, str(path))
+    return space
+
+
+def check_space(space: dict, where: str = "search space") -> None:
+    known = {f.name for f in fields(TrainConfig)} | {f"lr_{s}" for s in STAGES}
+    for key, spec in space.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown setting {key!r}")
+        if isinstance(spec, dict) and (len(spec) != 1 or next(iter(spec)) not in
+                                       ("loguniform", "uniform", "choice", "grid")):
+            raise ValueError(f"{where}: {key}: expected one of loguniform/uniform/choice/grid, got {spec}")
+
+
+def to_tune(space: dict, search: str) -> dict:
+    """Our space -> Ray Tune's param_space. With search="grid" every entry becomes a grid
+    (continuous ranges: GRID_POINTS points, geometric for loguniform)."""
+    out = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict):
+            out[key] = spec
+            continue
+        (kind, arg), = spec.items()
+        if search == "grid":
+            if kind in ("uniform", "loguniform"):
+                lo, hi = arg
+                ts = [i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+                arg = [lo * (hi / lo) ** t if kind == "loguniform" else lo + (hi - lo) * t for t in ts]
+            out[key] = tune.grid_search(list(arg))
+        else:
+            out[key] = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
+                        "choice": tune.choice, "grid": tune.grid_search}[kind](list(arg))
+    return out
+
+
+def apply(cfg: TrainConfig, params: dict) -> TrainConfig:
+    """Set a trial's sampled values on a TrainConfig (`lr_<stage>` goes into stage_lr)."""
+    for key, value in params.items():
+        if key.startswith("lr_"):
+            cfg.stage_lr = {**cfg.stage_lr, key[3:]: float(value)}
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def shares_stages(space: dict) -> bool:
+    return set(space) <= JOINT_ONLY

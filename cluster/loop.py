@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -40,12 +41,19 @@ def train_loop_per_worker(config: dict) -> None:
         check_classes(payload["class_names"], class_names, "checkpoint")
         model.load_state_dict(payload["model"])
         state = TrainState(**payload["state"])
+        if rank == 0:
+            print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done", flush=True)
     elif cfg.init_checkpoint:
         _, payload = load_checkpoint(cfg.init_checkpoint)
         check_classes(payload["class_names"], class_names, str(resolve_checkpoint(cfg.init_checkpoint)))
         model.load_state_dict(payload["model"])
     model.to(device)
     log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    nodes = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if log is not None:
+        log.tag("ray_nodes", len(set(nodes)))  # how many nodes the DDP workers span
 
     def report(state: TrainState, metrics: dict) -> None:
         """Every rank reports (it is a barrier); rank 0 attaches the epoch's checkpoint."""

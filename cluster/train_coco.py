@@ -7,7 +7,6 @@ Ray; builds or finds the shards; runs the 4 stages with Ray Train DDP; logs to M
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,28 +20,13 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from rgnn.config import TrainConfig, parse_args  # noqa: E402
 from cluster.data import prepare_shards  # noqa: E402
 from cluster.loop import train_loop_per_worker  # noqa: E402
-from rgnn.tracking import git_commit, resolve_tracking_uri, start_run  # noqa: E402
+from sharding.build_shards import init_ray  # noqa: E402
+from rgnn.tracking import check_reachable, git_commit, resolve_tracking_uri, start_run  # noqa: E402
+from rgnn.checkpoint import checkpoint_classes, resolve_checkpoint  # noqa: E402
 from rgnn.data import shards  # noqa: E402
+from rgnn.training import check_classes  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id.txt"
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def init_ray() -> None:
-    """Join RAY_ADDRESS or a running local cluster; else start a local Ray.
-
-    A local Ray's workers inherit PYTHONPATH, so they import cluster/ and tune/ from this
-    checkout whatever the working directory (a submitted job ships them with --working-dir).
-    """
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-    except ConnectionError:
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init()
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -61,6 +45,7 @@ def train(cfg: TrainConfig, summary_path: str | None = None, callbacks: list | N
         label: the MLflow run name (default data set, gate, backbone).
     """
     uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_reachable(uri)  # before any data or cluster work
     cfg.tracking_uri = uri
     storage = cfg.storage if "://" in cfg.storage else str(Path(cfg.storage).expanduser().resolve())
     if cfg.resume and not cfg.name:
@@ -69,12 +54,14 @@ def train(cfg: TrainConfig, summary_path: str | None = None, callbacks: list | N
     run_dir = Path(storage) / cfg.name
     if cfg.resume and not run_dir.is_dir():
         raise FileNotFoundError(f"--resume: no run {cfg.name!r} under {storage}")
-    init_ray()
     train_dir, val_dir = shard_dirs or prepare_shards(cfg)
     class_names = shards.class_names(train_dir)
     if class_names != shards.class_names(val_dir):
         raise ValueError(f"{train_dir} and {val_dir} have different class lists")
+    if cfg.init_checkpoint:  # fail here, not in every worker
+        check_classes(checkpoint_classes(cfg.init_checkpoint), class_names, str(resolve_checkpoint(cfg.init_checkpoint)))
 
+    init_ray()
     old_id = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
     tags = {"gate": cfg.gate, "backbone": cfg.backbone, "dataset": cfg.dataset, "git_commit": git_commit(),
             "stage_reached": "none", "ray_train_run": cfg.name}
@@ -123,8 +110,11 @@ def _per_class_ap(client, run_id: str, class_names: list[str]) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, summary_path = parse_args(argv)
-    summary = train(cfg, summary_path)
+    try:
+        cfg, summary_path = parse_args(argv)
+        summary = train(cfg, summary_path)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: a message, not a traceback
+        sys.exit(f"error: {e}")
     final = list(summary["map"].items())
     print(f"\nMLflow run {summary['run_id']} in experiment {summary['experiment']!r} at {summary['tracking_uri']}")
     print(f"  see it: mlflow ui --backend-store-uri {summary['tracking_uri']}   (then open http://127.0.0.1:5000)")

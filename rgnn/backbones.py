@@ -160,12 +160,14 @@ SMALL_FC = 128
 
 
 def _small(dropout: float) -> tuple[None, Backbone]:
+    # conv 5x5 at stride 2 (two periods of a fine texture in view), then VGG-like blocks of
+    # conv 3x3 and 2x2 max pooling: stride 16
     layers, c = [], 3
-    for w in SMALL_WIDTHS:  # four stride-2 convs: stride 16
-        conv = nn.Conv2d(c, w, 3, stride=2, padding=1)
+    for i, w in enumerate(SMALL_WIDTHS):
+        conv = nn.Conv2d(c, w, 5, stride=2, padding=2) if i == 0 else nn.Conv2d(c, w, 3, padding=1)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(conv.bias)
-        layers += [conv, nn.ReLU(inplace=True)]
+        layers += [conv, nn.ReLU(inplace=True)] + ([nn.MaxPool2d(2)] if i else [])
         c = w
     return None, Backbone("small", trunk=nn.Sequential(*layers), roi=RoIPool(SMALL_ROI, 1 / STRIDE),
                           global_pool=nn.AdaptiveMaxPool2d(SMALL_ROI), neck=nn.Flatten(1),

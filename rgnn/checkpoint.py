@@ -58,6 +58,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def checkpoint_classes(path: str | Path) -> list[str]:
+    """The class names of a checkpoint, without loading its weights into memory."""
+    file = resolve_checkpoint(path)
+    payload = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    if "class_names" not in payload:
+        raise ValueError(f"{file} is not an RGNN checkpoint: no class_names")
+    return list(payload["class_names"])
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RGNN, dict]:
     """Rebuild the RGNN of a checkpoint; returns (model in eval mode, the whole payload)."""
     file = resolve_checkpoint(path)

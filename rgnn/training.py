@@ -40,7 +40,8 @@ class TrainState:
 
 def model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
     return ModelConfig(num_classes=num_classes, backbone=cfg.backbone, gate=cfg.gate, scales=cfg.scales,
-                       pool_layer=cfg.pool_layer, hidden=cfg.hidden, weights=cfg.weights)
+                       pool_layer=cfg.pool_layer, hidden=cfg.hidden, weights=cfg.weights,
+                       dropout=cfg.dropout)
 
 
 def lambda_schedule(cfg: TrainConfig) -> LambdaSchedule:

@@ -270,7 +270,7 @@ def test_pooling_rejects_bad_shapes():
 SMALL_REGION_KEYS = [
     "backbone.fc6.0.bias", "backbone.fc6.0.weight", "backbone.fc7.0.bias", "backbone.fc7.0.weight",
     "backbone.trunk.0.bias", "backbone.trunk.0.weight", "backbone.trunk.2.bias", "backbone.trunk.2.weight",
-    "backbone.trunk.4.bias", "backbone.trunk.4.weight", "backbone.trunk.6.bias", "backbone.trunk.6.weight",
+    "backbone.trunk.5.bias", "backbone.trunk.5.weight", "backbone.trunk.8.bias", "backbone.trunk.8.weight",
     "classifier.0.bias", "classifier.0.weight", "classifier.3.bias", "classifier.3.weight",
     "fc8.bias", "fc8.weight", "gate.transform.bias", "gate.transform.weight",
 ]

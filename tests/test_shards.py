@@ -4,7 +4,6 @@ import hashlib
 import io
 import json
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 

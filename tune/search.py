@@ -22,7 +22,8 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from cluster.data import prepare_shards  # noqa: E402
-from cluster.train_coco import init_ray, train  # noqa: E402
+from cluster.train_coco import train  # noqa: E402
+from sharding.build_shards import init_ray  # noqa: E402
 from rgnn.config import TrainConfig, build_parser, load_file, resolve  # noqa: E402
 from rgnn.tracking import RunLogger, git_commit, resolve_tracking_uri, start_run  # noqa: E402
 from tune.plots import plot_trials  # noqa: E402
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     search_keys = ("space", "search", "trials", "max_concurrent", "no_share_stages", "out")
     opts = {k: args.pop(k) for k in search_keys}
     args.pop("summary", None)
+    resume = args.pop("resume", False)  # here: restore the search, not one training run
     values = load_file(args.pop("config")) if "config" in args else {}
     values.update(args)
     base = TrainConfig(**values)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     storage = str(Path(base.storage).expanduser().resolve()) if "://" not in base.storage else base.storage
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if args.get("resume") and not state:
+    if resume and not state:
         raise SystemExit(f"--resume: no search to resume in {out}")
 
     init_ray()
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = tune.with_resources(trainable, {"CPU": 0})
     reports = base.epochs[3] if share else sum(base.epochs)
     tune_dir = out / "ray_tune"
-    if args.get("resume") and tune.Tuner.can_restore(str(tune_dir / "search")):
+    if resume and tune.Tuner.can_restore(str(tune_dir / "search")):
         tuner = tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         reduction_factor=2)),
             run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
     grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state and returned
+        raise SystemExit(f"search interrupted; continue it with the same command and --resume (state in {out})")
     return finish(grid, base, space, out, parent)
 
 
@@ -154,6 +158,11 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict
     (out / "trials.json").write_text(json.dumps(rows, indent=2))
     plot_trials(rows, out / "map_vs_lr.png")
     log = RunLogger(base.tracking_uri, parent)
+    # trials that ASHA stopped never closed their MLflow runs
+    experiment = log.client.get_run(parent).info.experiment_id
+    for run in log.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+        log.client.set_tag(run.info.run_id, "stopped_early", "true")
+        log.client.set_terminated(run.info.run_id, status="KILLED")
     for name in ("best_config.json", "trials.json", "map_vs_lr.png"):
         log.artifact(out / name)
     log.metric("best/val_mAP", best["val_map"], 0)

@@ -17,13 +17,13 @@ from rgnn.schedule import STAGES
 
 # Section 4.2 fixes lambda going "slowly" from 1 to 0 and one learning rate; these are the open choices.
 DEFAULT_SPACE = {
-    "lr": {"loguniform": [1e-5, 3e-3]},
+    "lr_joint": {"loguniform": [1e-5, 3e-3]},
     "lambda_schedule": {"choice": ["constant", "linear", "cosine", "step", "exponential"]},
     "lambda_start": {"uniform": [0.5, 2.0]},
     "lambda_rate": {"uniform": [2.0, 8.0]},
 }
 # Keys that change only stage 4: a search over these alone can share stages 1-3 between trials.
-JOINT_ONLY = {"lr", "lr_joint", "lambda_schedule", "lambda_start", "lambda_end", "lambda_rate", "lambda_steps"}
+JOINT_ONLY = {"lr_joint", "lambda_schedule", "lambda_start", "lambda_end", "lambda_rate", "lambda_steps"}
 GRID_POINTS = 3
 
 

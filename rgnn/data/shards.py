@@ -189,7 +189,7 @@ def resize_image(image: np.ndarray, image_size: int, max_size: int | None = None
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """uint8 ndarray[H, W, 3] RGB -> float Tensor[3, H, W] standardised with ImageNet MEAN/STD."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)  # (3, H, W)
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)  # (3, H, W)
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 

@@ -1,0 +1,177 @@
+"""cluster/train_coco.py end to end against a real local head node (`ray start --head` on 127.0.0.1):
+`ray job submit`, a training worker killed mid-run, and an MLflow tracking server read back over REST."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ["global", "regional", "gates", "joint"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A real head node with 2 CPUs, what a user starts with `ray start --head`."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic set and its shards for every run of this module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_args(out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["cluster/train_coco.py", "--smoke-test", "--storage", str(out / "runs"), "--cache-dir", str(cache),
+            "--summary", str(out / "summary.json"), *extra]
+
+
+def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path):
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
+           "python", *train_args(tmp_path, cache, "--tracking-uri", db)]
+    run = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "succeeded" in run.stdout
+    assert "final val mAP" in run.stdout
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["map"]) == STAGES
+    assert all(0.0 <= v <= 1.0 for v in summary["map"].values())
+    assert Path(summary["checkpoint"]).is_file()
+    client = MlflowClient(db)
+    mlrun = client.get_run(summary["run_id"])
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.info.run_name == "synthetic-region-small"
+    for key in ("train/loss_cls", "train/loss_loc", "train/lambda", "train/lr", "val/mAP", "val/CF1", "val/OF1"):
+        assert key in mlrun.data.metrics, key
+    for stage in STAGES:
+        assert mlrun.data.metrics[f"val/mAP/{stage}"] == pytest.approx(summary["map"][stage])
+    lam = client.get_metric_history(summary["run_id"], "train/lambda")
+    assert len({m.step for m in lam}) > 3 and max(m.value for m in lam) > 0  # per step, lambda > 0 in stage 4
+    tags = mlrun.data.tags
+    assert (tags["stage_reached"], tags["gate"], tags["backbone"], tags["dataset"]) == ("joint", "region", "small", "synthetic")
+    assert tags["ray_nodes"] == "1" and tags["git_commit"]
+    assert mlrun.data.params["epochs"] == "[1, 1, 1, 2]" and mlrun.data.params["workers"] == "2"
+    names = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"config.json", "per_class_ap.md", "per_class_ap.csv", "pr_curves.png", "gates", "model"} <= names
+    gates = client.list_artifacts(summary["run_id"], "gates")
+    assert gates and all(a.path.endswith(".png") for a in gates)
+    assert len(summary["per_class_ap"]) == 10
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+def test_killed_worker_resumes_from_checkpoint(head, cache, tmp_path):
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    args = train_args(tmp_path, cache, "--epochs", "1,3,1,3", "--name", "killed",
+                      "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not _checkpoints(tmp_path / "runs" / "killed"):  # wait for the first epoch's checkpoint
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        victims = _train_workers()
+        assert victims, "no RayTrainWorker process found"
+        os.kill(victims[-1].pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    assert "resuming from checkpoint" in output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["map"]) == STAGES
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def rest(url: str, endpoint: str, **query) -> dict:
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=10) as r:
+        return json.load(r)
+
+
+def test_tracking_server_holds_the_run(head, cache, tmp_path, mlflow_server):
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    run = subprocess.run([sys.executable, *train_args(tmp_path, cache, "--tracking-uri", mlflow_server,
+                                                      "--experiment", "server-test")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    run_id = json.loads((tmp_path / "summary.json").read_text())["run_id"]
+    data = rest(mlflow_server, "runs/get", run_id=run_id)["run"]
+    metrics = {m["key"]: m["value"] for m in data["data"]["metrics"]}
+    assert {"train/loss_cls", "val/mAP", "val/mAP/joint"} <= set(metrics)
+    assert {t["key"]: t["value"] for t in data["data"]["tags"]}["stage_reached"] == "joint"
+    history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss_cls")["metrics"]
+    assert len(history) > 3
+    files = {f["path"] for f in rest(mlflow_server, "artifacts/list", run_id=run_id)["files"]}
+    assert {"pr_curves.png", "per_class_ap.csv", "model"} <= files
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    start = time.time()
+    run = subprocess.run([sys.executable, "cluster/train_coco.py", "--smoke-test",
+                          "--tracking-uri", f"http://127.0.0.1:{free_port()}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "127.0.0.1" in run.stderr and "reach" in run.stderr
+    assert time.time() - start < 60

@@ -1,0 +1,83 @@
+"""The training engine without Ray: rgnn.training.run_stages in one process, resuming, and the
+bad inputs cluster/train_coco.py refuses before it starts a cluster."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from cluster.data import prepare_shards
+from cluster.train_coco import train
+from rgnn.checkpoint import save_checkpoint
+from rgnn.config import TrainConfig, resolve
+from rgnn.data import shards
+from rgnn.data.coco import read_coco
+from rgnn.model import RGNN, ModelConfig
+from rgnn.proposals import ProposalParams
+from rgnn.training import TrainState, model_config, run_stages
+from sharding.build_shards import build_shards
+
+
+@pytest.fixture(scope="module")
+def shard_root(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    for split in ("train2017", "val2017"):
+        build_shards(read_coco(synthetic_root, split), out, actors=0, shard_size=60_000,
+                     params=ProposalParams(max_boxes=16), progress=False)
+    return out
+
+
+def tiny_cfg(shard_root, **kw) -> TrainConfig:
+    return resolve(TrainConfig(shards=str(shard_root), smoke_test=True, max_regions=8, image_size=96,
+                               global_size=64, batch_size=6, **kw))
+
+
+def test_run_stages_reports_every_epoch_and_evaluates_each_stage(shard_root):
+    cfg = tiny_cfg(shard_root, epochs=[1, 1, 1, 2])
+    names = shards.class_names(shard_root / "train2017")
+    torch.manual_seed(0)
+    model = RGNN(model_config(cfg, len(names)))
+    reports = []
+    stage, result = run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017",
+                               torch.device("cpu"), report=lambda s, m: reports.append((s.stage, s.epoch, m)))
+    assert [(r[0], r[1]) for r in reports] == [("global", 1), ("regional", 1), ("gates", 1), ("joint", 1), ("joint", 2)]
+    assert stage == "joint" and set(reports[-1][2]["maps"]) == {"global", "regional", "gates", "joint"}
+    lams = [r[2]["train/lambda"] for r in reports]
+    assert lams[:3] == [0.0, 0.0, 0.0] and lams[3] > lams[4]  # lambda only in stage 4, decaying
+    assert reports[2][2]["train/loss_cls"] == 0.0 and reports[2][2]["train/loss_loc"] > 0  # stage 3: eq. 7 only
+    assert result["scores"].shape == (12, len(names))  # every val image once
+
+
+def test_resume_continues_from_the_saved_state(shard_root):
+    cfg = tiny_cfg(shard_root, epochs=[0, 2, 0, 0], gate="none")
+    names = shards.class_names(shard_root / "train2017")
+    model = RGNN(model_config(cfg, len(names)))
+    seen = []
+    state = TrainState(stage="regional", epoch=1, global_step=7)
+    run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017", torch.device("cpu"),
+               state=state, report=lambda s, m: seen.append((s.stage, s.epoch, s.global_step)))
+    steps = shards.steps_per_epoch(shard_root / "train2017", cfg.batch_size)
+    assert seen == [("regional", 2, 7 + steps)]  # only the epoch that was left
+
+
+def test_missing_and_corrupt_shards_are_named(shard_root, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_root, broken)
+    victim = sorted((broken / "val2017").glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(ValueError, match=victim.name):
+        prepare_shards(tiny_cfg(broken))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        prepare_shards(tiny_cfg(broken))
+
+
+def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
+    names = shards.class_names(shard_root / "train2017")
+    other = list(reversed(names))
+    save_checkpoint(tmp_path / "ckpt", RGNN(ModelConfig(num_classes=len(other))), other)
+    cfg = tiny_cfg(shard_root, init_checkpoint=str(tmp_path / "ckpt"), start_stage="regional",
+                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="differ"):
+        train(cfg)

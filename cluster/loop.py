@@ -6,6 +6,7 @@ lambda state). A worker group restarted by FailureConfig resumes from the last c
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(payload["model"])
         state = TrainState(**payload["state"])
         if rank == 0:
-            print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done", flush=True)
+            print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done",
+                  file=sys.__stdout__, flush=True)
     elif cfg.init_checkpoint:
         _, payload = load_checkpoint(cfg.init_checkpoint)
         check_classes(payload["class_names"], class_names, str(resolve_checkpoint(cfg.init_checkpoint)))

@@ -6,6 +6,8 @@ Both the Ray Train workers (cluster/loop.py) and in-process runs (rgnn.ablation)
 """
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -149,9 +151,10 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
             state.stage, state.epoch, state.optimizer = stage, epoch + 1, optimizer.state_dict()
             if log is not None:
                 _log_epoch(log, metrics, result, stage, done, state.global_step)
+                # sys.__stdout__: under Ray Train a plain print reaches the job's log twice
                 print(f"[{stage}] epoch {epoch + 1}/{epochs}: loss_cls {stats['loss_cls']:.4f} "
                       f"loss_loc {stats['loss_loc']:.4f} lambda {stats['lambda']:.3f}"
-                      + (f" val mAP {result['mAP']:.4f}" if result else ""), flush=True)
+                      + (f" val mAP {result['mAP']:.4f}" if result else ""), file=sys.__stdout__, flush=True)
             if report is not None:
                 report(state, {**metrics, "maps": dict(state.maps)})
         state.epoch, state.optimizer = 0, None

@@ -13,7 +13,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -32,9 +31,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head():
-    """A real head node with 2 CPUs, what a user starts with `ray start --head`."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    """A real head node with 2 CPUs, what a user starts with `ray start --head` (as in the README:
+    token authentication on, server and clients sharing ~/.ray/auth_token)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = free_port(), free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
@@ -92,12 +93,16 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
 
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-            found.append(p)
-    return found
+def _train_worker_pids() -> list[int]:
+    """Ray names its actor processes by title: `ray::RayTrainWorker...`."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"RayTrainWorker" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
 
 
 def test_killed_worker_resumes_from_checkpoint(head, cache, tmp_path):
@@ -108,12 +113,13 @@ def test_killed_worker_resumes_from_checkpoint(head, cache, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 600
-        while not _checkpoints(tmp_path / "runs" / "killed"):  # wait for the first epoch's checkpoint
+        # a checkpoint folder exists before its report is registered: wait until a later one exists
+        while len(_checkpoints(tmp_path / "runs" / "killed")) < 3:
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.2)
-        victims = _train_workers()
+        victims = _train_worker_pids()
         assert victims, "no RayTrainWorker process found"
-        os.kill(victims[-1].pid, signal.SIGKILL)
+        os.kill(max(victims), signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:

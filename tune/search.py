@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _searcher(kind: str):
 def main(argv: list[str] | None = None) -> dict:
     args = vars(build_search_parser().parse_args(argv))
     search_keys = ("space", "search", "trials", "max_concurrent", "no_share_stages", "out")
-    opts = {k: args.pop(k) for k in search_keys}
+    opts = {k: args.pop(k, None) for k in search_keys}  # the parser suppresses unset flags
     args.pop("summary", None)
     resume = args.pop("resume", False)  # here: restore the search, not one training run
     values = load_file(args.pop("config")) if "config" in args else {}
@@ -120,28 +121,50 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainable = tune.with_parameters(run_trial, base=base.to_dict(), shard_dirs=shard_dirs, parent_run_id=parent,
                                      init_checkpoint=init_checkpoint, storage=str(Path(storage) / "trials"))
-    # The trial's driver function only waits on its TorchTrainer: the workers hold the resources.
-    trainable = tune.with_resources(trainable, {"CPU": 0})
+    # The trial's driver function only waits on its TorchTrainer, whose DDP workers reserve the
+    # CPUs/GPUs; Tune refuses an empty request, so the driver takes a token share of a CPU.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    # a trial reports once per epoch; ASHA's horizon lies past the last report so that a trial
+    # that is not stopped early ends by itself (and closes its MLflow run as FINISHED)
     reports = base.epochs[3] if share else sum(base.epochs)
     tune_dir = out / "ray_tune"
+    param_space = to_tune(space, opts["search"])
+    expected = opts["trials"] * math.prod(len(v["grid_search"]) for v in param_space.values()
+                                          if isinstance(v, dict) and "grid_search" in v)
     if resume and tune.Tuner.can_restore(str(tune_dir / "search")):
         tuner = tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=to_tune(space, opts["search"]),
+            trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=opts["trials"], max_concurrent_trials=opts["max_concurrent"],
                 search_alg=_searcher(opts["search"]),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(reports, 1), grace_period=1,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=1,
                                         reduction_factor=2)),
             run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state and returned
+    if len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state
         raise SystemExit(f"search interrupted; continue it with the same command and --resume (state in {out})")
-    return finish(grid, base, space, out, parent)
+    return finish(grid, base, space, out, parent, reports)
 
 
-def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict:
+def _close_trial_runs(client, grid, parent: str, reports: int) -> None:
+    """A trial that Tune stops (ASHA, or at its last report) is killed inside its training, so its
+    MLflow run is left RUNNING or FAILED: mark it FINISHED when every epoch reported, else KILLED."""
+    experiment = client.get_run(parent).info.experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")}
+    for result in grid:
+        run = runs.get(f"trial {result.metrics.get('trial_id')}") if result.metrics else None
+        if run is None or result.error is not None:
+            continue
+        done = result.metrics.get("training_iteration", 0) >= reports
+        if not done:
+            client.set_tag(run.info.run_id, "stopped_early", "true")
+        if run.info.status != ("FINISHED" if done else "KILLED"):
+            client.set_terminated(run.info.run_id, status="FINISHED" if done else "KILLED")
+
+
+def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str, reports: int) -> dict:
     """best_config.json, the mAP vs lr / lambda schedule plot, both on the parent run."""
     rows = []
     for r in grid:
@@ -158,14 +181,11 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict
     (out / "trials.json").write_text(json.dumps(rows, indent=2))
     plot_trials(rows, out / "map_vs_lr.png")
     log = RunLogger(base.tracking_uri, parent)
-    # trials that ASHA stopped never closed their MLflow runs
-    experiment = log.client.get_run(parent).info.experiment_id
-    for run in log.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-        log.client.set_tag(run.info.run_id, "stopped_early", "true")
-        log.client.set_terminated(run.info.run_id, status="KILLED")
+    _close_trial_runs(log.client, grid, parent, reports)
     for name in ("best_config.json", "trials.json", "map_vs_lr.png"):
         log.artifact(out / name)
     log.metric("best/val_mAP", best["val_map"], 0)
+    log.flush()
     log.client.set_terminated(parent, "FINISHED")
     print(f"\n{len(rows)} trials; best val mAP {best['val_map']:.4f} with {best['params']}")
     print(f"best config: {out / 'best_config.json'}  (python cluster/train_coco.py --config {out / 'best_config.json'})")

@@ -12,14 +12,13 @@ at T = 200 an RGNN step costs at most 1.5x a global step. Prints a table, writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from report import RESULTS, write_result
 from rgnn.losses import balanced_multilabel_loss
 from rgnn.model import RGNN, ModelConfig
 from rgnn.schedule import set_trainable
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (what rgnn.engine does on GPUs)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default per backbone)")
     p.add_argument("--size", type=_ints, default=None, help="H,W of the input (default per backbone)")
-    p.add_argument("--out", default="benchmarks/results/model_step.json", help="JSON results")
+    p.add_argument("--out", default=str(RESULTS / "model_step.json"), help="JSON results")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     settings = QUICK if args.quick else SETTINGS
@@ -142,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += bench_backbone(name, args.regions, batch, h, w, iters, args.warmup, device, args.amp)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": where, "quick": args.quick,
               "iters": iters, "target_rgnn_over_global_at_T200": TARGET_RATIO, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return result
 
 

@@ -20,10 +20,8 @@ Prints a table, writes JSON (one key per part of the benchmark).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from report import RESULTS, write_result
 from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.data.synthetic import CATEGORY_IDS, CLASS_NAMES, make_image
 from rgnn.proposals import EdgeBoxes, ProposalParams, proposal_recall
@@ -145,7 +144,6 @@ def bench_shard_job(n_images: int = 384, size: tuple[int, int] = (500, 375), act
         dict: n_images, width, height, images_per_shard, ray_cpus, actors {count: {seconds,
         images_per_s}}, speedup (most actors vs fewest), target_speedup.
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # sharding/ is a folder, not a package
     import ray  # noqa: PLC0415 (only this part of the benchmark needs Ray)
     from sharding.build_shards import build_shards, init_ray, plan_shards  # noqa: PLC0415
 
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-photos", action="store_true", help="skip the bundled natural photos")
     p.add_argument("--shard-images", type=int, default=384, help="images for the shard job (0: skip it)")
     p.add_argument("--shard-cpus", type=int, default=2, help="CPUs of the local Ray the shard job runs on")
-    p.add_argument("--out", default="benchmarks/results/proposals.json", help="JSON results")
+    p.add_argument("--out", default=str(RESULTS / "proposals.json"), help="JSON results")
     args = p.parse_args(argv)
     if args.images < 1 or args.repeat < 1:
         raise ValueError(f"--images {args.images} and --repeat {args.repeat}: expected >= 1")
@@ -221,10 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"shard job: {max(job['actors'])} actors {job['speedup']:.2f}x one actor, {verdict} the target "
               f"of {TARGET_SHARD_SPEEDUP}x")
         result["shard_job"] = {**job, "load_average": os.getloadavg()[0]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import socket
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cluster.data import prepare_shards
+from report import RESULTS, write_result
 from rgnn.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.engine import StageModel, train_one_epoch
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="which stage's step to time")
     p.add_argument("--steps", type=int, default=12, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
+    p.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     args = p.parse_args(argv)
     cfg = resolve(TrainConfig())
     train_dir, _ = prepare_shards(cfg)
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"(target >= {TARGET_EFFICIENCY})")
     print(f"  input pipeline     : {pipe:7.2f} images/s   {result['pipeline_over_training']:.1f}x the 1-worker "
           f"training rate (target >= {TARGET_PIPELINE}x)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return result
 
 

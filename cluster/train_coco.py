@@ -17,14 +17,16 @@ import ray  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from rgnn.config import TrainConfig, parse_args  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
 from cluster.data import prepare_shards  # noqa: E402
 from cluster.loop import train_loop_per_worker  # noqa: E402
-from sharding.build_shards import init_ray  # noqa: E402
-from rgnn.tracking import check_reachable, git_commit, resolve_tracking_uri, start_run  # noqa: E402
 from rgnn.checkpoint import checkpoint_classes, resolve_checkpoint  # noqa: E402
+from rgnn.config import TrainConfig, parse_args  # noqa: E402
 from rgnn.data import shards  # noqa: E402
+from rgnn.tracking import check_reachable, git_commit, resolve_tracking_uri, start_run  # noqa: E402
 from rgnn.training import check_classes  # noqa: E402
+from sharding.build_shards import init_ray  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -86,8 +88,6 @@ def train(cfg: TrainConfig, summary_path: str | None = None, callbacks: list | N
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks),
     )
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(uri)
     try:
         result = trainer.fit()

@@ -8,7 +8,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 

@@ -130,6 +130,26 @@ def test_killed_worker_resumes_from_checkpoint(head, cache, tmp_path):
     assert list(summary["map"]) == STAGES
 
 
+def test_stopped_run_continues_with_resume(head, cache, tmp_path):
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    args = [sys.executable, *train_args(tmp_path, cache, "--epochs", "1,2,1,2", "--name", "stopped",
+                                        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while len(_checkpoints(tmp_path / "runs" / "stopped")) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.2)
+    proc.kill()  # the driver dies: its Ray Train run with it
+    proc.wait()
+    run_id = (tmp_path / "runs" / "stopped" / "mlflow_run_id.txt").read_text()
+    run = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "resuming from checkpoint" in run.stdout
+    assert "[global] epoch" not in run.stdout  # stage 1 was done before the stop
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run_id"] == run_id and list(summary["map"]) == STAGES  # the same MLflow run, finished
+
+
 @pytest.fixture()
 def mlflow_server(tmp_path):
     port = free_port()

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rgnn.checkpoint import write_json
 from rgnn.config import TrainConfig, build_parser, load_file, resolve
 from rgnn.data import shards
 from rgnn.model import RGNN
@@ -64,12 +64,6 @@ def row_config(base: TrainConfig, changes: dict, kind: str) -> TrainConfig:
     return cfg
 
 
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path,
                  rows: list[str] | None = None) -> dict[str, dict]:
     """Train and evaluate the global baseline and `rows` (default all); returns name -> result
@@ -88,7 +82,7 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path,
     if "parent_run_id" not in done:
         done["parent_run_id"] = start_run(uri, base.experiment, f"ablation {out.stem}", base.flat(),
                                           {"kind": "ablation", "git_commit": git_commit(), "dataset": base.dataset})
-        _atomic_json(done_file, done)
+        write_json(done_file, done)
     parent = done["parent_run_id"]
     results = done.setdefault("rows", {})
 
@@ -98,7 +92,7 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path,
         model = RGNN(model_config(cfg, len(names))).to(device)
         results[GLOBAL] = _train_row(GLOBAL, cfg, model, names, train_dir, val_dir, device, uri, parent)
         torch.save({k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "fc8."))}, global_weights)
-        _atomic_json(done_file, done)
+        write_json(done_file, done)
     start = torch.load(global_weights, map_location="cpu")
     for name in rows:
         if name in results:
@@ -107,13 +101,10 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path,
         model = RGNN(model_config(cfg, len(names)))
         model.load_state_dict(start, strict=False)  # backbone and fc8; the head and gates are new
         results[name] = _train_row(name, cfg, model.to(device), names, train_dir, val_dir, device, uri, parent)
-        _atomic_json(done_file, done)
+        write_json(done_file, done)
 
     order = [GLOBAL] + [r for r in ROWS if r in results]
-    text = ablation_markdown({n: results[n] for n in order}, names)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    out.write_text(ablation_markdown({n: results[n] for n in order}, names))
     log = RunLogger(uri, parent)
     log.artifact(out)
     for i, n in enumerate(order):
@@ -168,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = resolve(TrainConfig(**{**values, **args}))
         from cluster.data import prepare_shards  # verifies --shards, or builds shards through sharding/ (Ray)
 
-        train_dir, val_dir = prepare_shards(base)
+        train_dir, val_dir = prepare_shards(base, keep_ray=False)  # training here needs no Ray
         results = run_ablation(base, train_dir, val_dir, out, rows.split(";") if rows else None)
     except (ValueError, FileNotFoundError, ConnectionError) as e:
         sys.exit(f"error: {e}")

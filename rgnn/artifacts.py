@@ -33,7 +33,7 @@ def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, c
             log.artifact(tmp / name)
         if cfg.gate != "none" and stage in ("gates", "joint"):
             log.artifact(gate_pictures(model, val_dir, cfg, tmp / "gates"), "gates")
-        log.artifact(save_checkpoint(tmp / "model", model, class_names, cfg.to_dict()), "model")
+        log.artifact(save_checkpoint(tmp / "model", model, class_names, cfg.to_dict(), stage=stage), "model")
     for name, a in zip(class_names, result["ap"]):
         if not np.isnan(a):
             log.metric(f"val/AP/{name}", a, 0)

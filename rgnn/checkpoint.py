@@ -25,6 +25,14 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: str | Path, data) -> Path:
+    """JSON written under a temporary name and renamed: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2)))
+    return path
+
+
 def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], config: dict | None = None,
                     **train_state) -> Path:
     """Write `folder/checkpoint.pt` (+ `config.json`); returns the folder.
@@ -39,7 +47,7 @@ def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], con
     payload = {"model": model.state_dict(), "model_config": asdict(model.cfg),
                "class_names": list(class_names), **train_state}
     _atomic_write(folder / CHECKPOINT_FILE, lambda p: torch.save(payload, p))
-    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config or {}, indent=2)))
+    write_json(folder / CONFIG_FILE, config or {})
     return folder
 
 

@@ -99,3 +99,55 @@ def pr_curves(scores: np.ndarray, targets: np.ndarray, class_names: list[str], p
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def class_gates(gates: np.ndarray, class_names: list[str], name: str | None) -> np.ndarray:
+    """Gate values ndarray[R] to draw: region-level as they are; feature-level the chosen class's
+    dimension (when the gated layer has one per class: fc8 or its softmax) or the max over dimensions."""
+    if gates.ndim == 1:
+        if name is not None:
+            raise ValueError("--class applies to feature-level gates; this model's gates are per region")
+        return gates
+    if name is None:
+        return gates.max(axis=1)
+    if name not in class_names:
+        raise ValueError(f"--class {name!r}: not one of the model's classes {class_names}")
+    if gates.shape[1] != len(class_names):
+        raise ValueError(f"--class needs gates per class; this model gates {gates.shape[1]} features (fc6/fc7)")
+    return gates[:, class_names.index(name)]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import argparse
+    import sys
+
+    from rgnn.data.images import decode_image
+    from rgnn.predict import Predictor
+
+    p = argparse.ArgumentParser(prog="python -m rgnn.visualize",
+                                description="The paper's Figure 3 for one image: the top-5 gated regions in "
+                                            "red, the bottom-5 in green, over the heat-map of gate values.")
+    p.add_argument("image", help="the image (JPEG, PNG, ...)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or .pt, or an MLflow URI (runs:/<id>/model)")
+    p.add_argument("--out", required=True, help="PNG to write (the image's own size)")
+    p.add_argument("--class", dest="cls", help="feature-level gates: draw this class's gate (default: the max)")
+    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (as in training)")
+    args = p.parse_args(argv)
+    try:
+        predictor = Predictor.load(args.checkpoint, args.edge_model)
+        if predictor.stage in ("global", "regional") or predictor.model.gate is None:
+            raise ValueError(f"{args.checkpoint}: a model without trained gates (stage {predictor.stage}, "
+                             f"gate {predictor.model.cfg.gate}) has no gate picture")
+        image = decode_image(args.image)
+        pred = predictor([image])[0]
+        gates = class_gates(pred.gates, predictor.class_names, args.cls)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    out = save_png(draw_gates(image, pred.boxes, gates), args.out)
+    top = ", ".join(f"{n} {s:.2f}" for n, s in sorted(zip(predictor.class_names, pred.scores), key=lambda t: -t[1])[:3])
+    print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); top scores: {top}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

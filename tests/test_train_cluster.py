@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from rgnn.data.images import decode_image
+from rgnn.predict import Predictor
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +58,7 @@ def train_args(out: Path, cache: Path, *extra: str) -> list[str]:
             "--summary", str(out / "summary.json"), *extra]
 
 
-def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path):
+def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatch):
     db = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
            "python", *train_args(tmp_path, cache, "--tracking-uri", db)]
@@ -87,6 +90,12 @@ def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path):
     gates = client.list_artifacts(summary["run_id"], "gates")
     assert gates and all(a.path.endswith(".png") for a in gates)
     assert len(summary["per_class_ap"]) == 10
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # the logged model serves prediction again
+    predictor = Predictor.load(f"runs:/{summary['run_id']}/model")
+    image = next((cache / "synthetic-48-24-seed0" / "val2017").glob("*.jpg"))
+    prediction = predictor([decode_image(image)])[0]
+    assert predictor.stage == "joint" and prediction.scores.shape == (10,) and prediction.gates is not None
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

@@ -235,19 +235,46 @@ class _Transform:
 
     def __call__(self, sample: dict, where: str) -> dict:
         image, boxes, scores, rec = _decode_sample(sample, where)
-        out, (sx, sy) = resize_image(image, self.image_size, self.max_size, self.global_size)
-        h, w = out.shape[:2]
-        if self.global_size is not None:  # stage 1: whole images only
-            boxes = boxes[:0]
-        else:  # top-T proposals by score
-            boxes = boxes[np.argsort(-scores, kind="stable")[:self.max_regions]]
+        x, (h, w), boxes, (sx, sy) = prepare(image, boxes, scores, self.image_size, self.max_size,
+                                             self.max_regions, self.global_size)
         return {
-            "image": normalize(out), "size": (h, w), "boxes": _scale_boxes(boxes, sx, sy, w, h),
+            "image": x, "boxes": boxes,
             "target": torch.from_numpy(rec.target(self.num_classes)),
             "ignore": torch.from_numpy(rec.difficult_only(self.num_classes)),
             "gt_boxes": _scale_boxes(rec.gt_boxes, sx, sy, w, h),
             "gt_classes": torch.from_numpy(rec.gt_classes), "id": rec.image_id,
         }
+
+
+def prepare(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, image_size: int, max_size: int | None,
+            max_regions: int, global_size: int | None = None):
+    """One image and its proposals -> the network's input (what training, evaluation and prediction share).
+
+    Args:
+        image: uint8 ndarray[H, W, 3]; boxes: float ndarray[T, 4] in its pixels; scores: ndarray[T].
+        global_size: stage 1's size-normalised square input, no regions.
+
+    Returns:
+        (float Tensor[3, h, w] normalised, (h, w), Tensor[K, 4] the top-K <= max_regions proposals by
+        score in the resized pixels, (sx, sy) the scale from original to resized pixels).
+    """
+    out, (sx, sy) = resize_image(image, image_size, max_size, global_size)
+    h, w = out.shape[:2]
+    if global_size is not None:  # stage 1: whole images only
+        boxes = boxes[:0]
+    else:
+        boxes = boxes[np.argsort(-scores, kind="stable")[:max_regions]]
+    return normalize(out), (h, w), _scale_boxes(boxes, sx, sy, w, h), (sx, sy)
+
+
+def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """N x Tensor[3, h_i, w_i] -> (Tensor[N, 3, H, W] zero-padded at the bottom and right, long Tensor[N, 2] sizes)."""
+    sizes = torch.tensor([tuple(x.shape[1:]) for x in images], dtype=torch.long)  # (N, 2)
+    H, W = sizes.max(0).values.tolist()
+    batch = images[0].new_zeros(len(images), 3, H, W)
+    for i, x in enumerate(images):
+        batch[i, :, :x.shape[1], :x.shape[2]] = x
+    return batch, sizes
 
 
 @dataclass
@@ -287,12 +314,7 @@ class Batch:
 
 def collate(samples: list[dict]) -> Batch:
     """Prepared samples -> one Batch, images zero-padded at the bottom and right."""
-    sizes = torch.tensor([s["size"] for s in samples], dtype=torch.long)  # (N, 2)
-    H, W = sizes.max(0).values.tolist()
-    images = samples[0]["image"].new_zeros(len(samples), 3, H, W)
-    for i, s in enumerate(samples):
-        h, w = s["size"]
-        images[i, :, :h, :w] = s["image"]
+    images, sizes = pad_images([s["image"] for s in samples])
     return Batch(images, sizes, [s["boxes"] for s in samples],
                  torch.stack([s["target"] for s in samples]), torch.stack([s["ignore"] for s in samples]),
                  [s["gt_boxes"] for s in samples], [s["gt_classes"] for s in samples],

@@ -21,11 +21,15 @@ def _complete(split_dir: Path) -> bool:
         return False
 
 
-def prepare_shards(cfg: TrainConfig) -> tuple[Path, Path]:
+def prepare_shards(cfg: TrainConfig, keep_ray: bool = True) -> tuple[Path, Path]:
     """Return the (train, val) shard folders, building them through sharding/ where needed.
 
     Built shards are cached under cfg.cache_dir by data set and proposal settings; a folder
     whose shards verify is reused, an incomplete one is resumed by the sharding job.
+
+    Args:
+        keep_ray: False disconnects from the Ray a build joined or started (for callers that
+            train without Ray and must not die with that Ray).
     """
     if cfg.shards:
         root = Path(cfg.shards).expanduser()
@@ -58,4 +62,8 @@ def prepare_shards(cfg: TrainConfig) -> tuple[Path, Path]:
 
             build_shards(read(split), out, params=params, edge_model=cfg.edge_model)
         dirs.append(split_dir)
+    if not keep_ray:
+        import ray
+
+        ray.shutdown()  # a no-op when no build ran
     return tuple(dirs)

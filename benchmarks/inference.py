@@ -1,12 +1,17 @@
-"""Per-image prediction latency on the CPU, split into EdgeBoxes proposals and the network.
+"""Per-image prediction latency, split into EdgeBoxes proposals and the network.
 
-    python benchmarks/inference.py [--backbones small,vgg16] [--regions 500] [--images 5] [--out FILE]
+    python benchmarks/inference.py [--backbones small,vgg16] [--regions 500] [--images 5] [--device cpu]
+                                   [--threads N] [--out FILE]
 
-What `rgnn.predict` does for one image of VOC size (500x375, a synthetic picture): proposals
-(gradient edges + EdgeBoxes, T kept), then the RGNN forward pass at the training input size
-(shorter side 600 for VGG-16 as in the paper's Fast R-CNN setting, 192 for the small CNN), random
-weights (timing only), region gates, 5 scales, batch of one, no gradient. The paper reports
-430 ms per image on a GPU, 200 ms of it EdgeBoxes. Median over --images images after one warm-up.
+Exactly what `rgnn.predict` does for one image of VOC size (500x375, a synthetic picture), through
+its `Predictor`: proposals (gradient edges + EdgeBoxes on the original image, 2T searched, the best
+T kept), then the network: resize to the training input (shorter side 600, longer <= 1000 for
+VGG-16 as in the paper's Fast R-CNN setting; 192 for the small CNN), normalise, the RGNN forward
+pass with region gates and 5 scales, batch of one, no gradient. The weights are random (timing
+only: the cost does not depend on their values). The paper reports 430 ms per image on a GPU
+(TitanX), 200 ms of it EdgeBoxes. Median over --images images after one untimed warm-up image, for
+each thread count of --threads: on a machine shared with other jobs, a parallel op waits for its
+slowest thread, and 2 threads on 2 busy cores can be many times slower than 1.
 """
 from __future__ import annotations
 
@@ -21,62 +26,85 @@ import numpy as np
 import torch
 
 from report import RESULTS, write_result
-from rgnn.data import shards
 from rgnn.data.synthetic import make_image
+from rgnn.data.voc import VOC_CLASSES
 from rgnn.model import RGNN, ModelConfig
-from rgnn.proposals import EdgeBoxes, ProposalParams
+from rgnn.predict import Predictor
 
-IMAGE_SIZE = {"small": 192, "vgg16": 600, "resnet50": 600}
+# the network's input per backbone: shorter side, longer-side cap (rgnn.config's defaults)
+INPUT = {"small": (192, 384), "vgg16": (600, 1000), "resnet50": (600, 1000)}
 PAPER_MS = {"total_gpu": 430, "edgeboxes": 200}
 
 
 def voc_sized_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n synthetic RGB pictures resized to 500x375 (a typical VOC image)."""
     rng = np.random.default_rng(seed)
-    out = []
-    while len(out) < n:
-        image, _ = make_image(rng)
-        out.append(cv2.resize(image, (500, 375), interpolation=cv2.INTER_LINEAR))
-    return out
+    return [cv2.resize(make_image(rng)[0], (500, 375), interpolation=cv2.INTER_LINEAR) for _ in range(n)]
 
 
-@torch.no_grad()
-def time_backbone(name: str, images: list[np.ndarray], regions: int) -> dict:
-    model = RGNN(ModelConfig(num_classes=20, backbone=name)).eval()
-    proposer = EdgeBoxes(ProposalParams(max_boxes=regions))
-    size = IMAGE_SIZE[name]
-    t_prop, t_net = [], []
+def time_backbone(name: str, images: list[np.ndarray], regions: int, device: torch.device) -> dict:
+    """Median milliseconds per image of `Predictor.propose` and of the network (`Predictor.__call__`
+    on the proposals), with T = `regions`."""
+    torch.manual_seed(0)
+    size, max_size = INPUT[name]
+    predictor = Predictor(RGNN(ModelConfig(num_classes=len(VOC_CLASSES), backbone=name)), list(VOC_CLASSES),
+                          "joint", {"image_size": size, "max_size": max_size, "max_regions": regions}, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_prop, t_net, kept = [], [], []
     for i, image in enumerate([images[0], *images]):  # the first is a warm-up
         t0 = time.perf_counter()
-        boxes, scores = proposer(image)
+        proposals = predictor.propose(image)
         t1 = time.perf_counter()
-        x, (h, w), b, _ = shards.prepare(image, boxes, scores, size, 1000 if size == 600 else 2 * size, regions)
-        model(x[None], torch.tensor([[h, w]]), [b])
+        predictor([image], [proposals])
+        sync()
         t2 = time.perf_counter()
         if i:
             t_prop.append(t1 - t0)
             t_net.append(t2 - t1)
+            kept.append(min(len(proposals[0]), regions))
     prop, net = 1000 * statistics.median(t_prop), 1000 * statistics.median(t_net)
-    return {"backbone": name, "input_shorter_side": size, "regions": regions, "proposals_ms": round(prop, 1),
+    return {"backbone": name, "input_shorter_side": size, "regions": regions,
+            "regions_found": round(statistics.mean(kept), 1), "proposals_ms": round(prop, 1),
             "network_ms": round(net, 1), "total_ms": round(prop + net, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbones", default="small,vgg16")
-    p.add_argument("--regions", type=int, default=500, help="T proposals per image")
+    p.add_argument("--backbones", default="small,vgg16", help=f"comma-separated: {', '.join(INPUT)}")
+    p.add_argument("--regions", type=int, default=500, help="T proposals per image (the paper's setting)")
     p.add_argument("--images", type=int, default=5, help="timed images")
-    p.add_argument("--out", default=str(RESULTS / "inference.json"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the network only; EdgeBoxes runs on the CPU)")
+    p.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
+                   help="comma-separated torch and OpenCV CPU thread counts to time (default: 1 and torch's default)")
+    p.add_argument("--out", default=str(RESULTS / "inference.json"), help="JSON results")
     args = p.parse_args(argv)
+    names = args.backbones.split(",")
+    for name in names:
+        if name not in INPUT:
+            raise ValueError(f"backbone {name!r}: expected one of {tuple(INPUT)}")
+    if args.images < 1 or args.regions < 0:
+        raise ValueError(f"--images {args.images} must be >= 1 and --regions {args.regions} >= 0")
+    device = torch.device(args.device)
     images = voc_sized_images(args.images)
-    rows = [time_backbone(name, images, args.regions) for name in args.backbones.split(",")]
-    print(f"per image, 500x375, T={args.regions}, CPU with {torch.get_num_threads()} threads, random weights:")
-    for r in rows:
-        print(f"  {r['backbone']:>8} (shorter side {r['input_shorter_side']}): proposals {r['proposals_ms']:7.1f} ms"
-              f"  network {r['network_ms']:7.1f} ms  total {r['total_ms']:7.1f} ms")
-    print(f"  the paper (GPU): {PAPER_MS['total_gpu']} ms per image, {PAPER_MS['edgeboxes']} ms of it EdgeBoxes")
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "machine": platform.machine(), "image": "500x375", "rows": rows, "paper_ms": PAPER_MS}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"per image, 500x375, T={args.regions}, network on {device.type} ({where}); RANDOM-INIT weights "
+          f"(timing only), median of {args.images} images:")
+    rows = []
+    for threads in sorted({int(t) for t in args.threads.split(",")}):
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        for name in names:
+            r = {"threads": threads, **time_backbone(name, images, args.regions, device)}
+            rows.append(r)
+            print(f"  {threads} thread(s) {r['backbone']:>8} (shorter side {r['input_shorter_side']}, "
+                  f"{r['regions_found']:.0f} regions): proposals {r['proposals_ms']:7.1f} ms  "
+                  f"network {r['network_ms']:7.1f} ms  total {r['total_ms']:7.1f} ms", flush=True)
+    print(f"  the paper (TitanX GPU, VGG-16): {PAPER_MS['total_gpu']} ms per image, "
+          f"{PAPER_MS['edgeboxes']} ms of it EdgeBoxes")
+    result = {"torch": torch.__version__, "opencv": cv2.__version__, "cpus": os.cpu_count(),
+              "load_average": os.getloadavg()[0], "device": where, "image": "500x375", "weights": "random init",
+              "images": args.images, "rows": rows, "paper_ms": PAPER_MS}
     write_result(args.out, result)
     return result
 

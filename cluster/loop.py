@@ -68,8 +68,9 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        # Some layers are unused in some stages (fc8 when pooling fc6/fc7, the classifier in stage 3).
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        # rgnn.schedule.set_trainable freezes what a stage's forward does not run (fc8 when fc6/fc7
+        # is pooled, all but the gate in stage 3), so every trainable parameter gets a gradient.
+        return ray.train.torch.prepare_model(module)
 
     final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, wrap, report, log)
     if log is not None and final is not None:

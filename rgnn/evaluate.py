@@ -1,12 +1,14 @@
 """The per-class AP table of trained models, in the shape of the paper's Table 3.
 
     python -m rgnn.evaluate --checkpoint A [--checkpoint B ...] (--coco-root DIR | --voc-root DIR | --shards DIR)
-                            [--split NAME] [--markdown FILE] [--csv FILE]
+                            [--split NAME] [--edge-model FILE] [--markdown FILE] [--csv FILE]
 
 A row per checkpoint, a column per class, then mAP; below it CF1 and OF1 at threshold 0.5. The AP
-rule: VOC 2007's 11-point rule on VOC 2007, the area under the precision-recall curve otherwise
-(COCO and VOC 2012 practice). VOC `difficult`-only classes of an image are ignored. With a data set
-root the proposals are computed here, image by image; with --shards they come from the shards.
+rule: VOC 2007's 11-point rule on VOC 2007 (the paper's Table 3), the area under the
+precision-recall curve otherwise (COCO and VOC 2012 practice). VOC `difficult`-only classes of an
+image are ignored. With a data set root each image is decoded and its EdgeBoxes proposals computed
+once, here (no Ray), and every checkpoint scores it; with --shards the stored proposals are used, as
+training's evaluation does.
 """
 from __future__ import annotations
 
@@ -25,27 +27,49 @@ from rgnn.data.voc import read_voc
 from rgnn.engine import StageModel, predict
 from rgnn.metrics import average_precision, multilabel_prf
 from rgnn.predict import Predictor
+from rgnn.proposals import EdgeBoxes
 from rgnn.tables import ap_table, to_csv, to_markdown
 from rgnn.training import check_classes
 
+RULES = {"voc07": "VOC 2007 11-point AP", "area": "AP = area under the precision-recall curve"}
 
-def scores_on_records(predictor: Predictor, labeled: LabeledSet, batch_size: int = 8,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores float[N, C], targets float[N, C], ignore bool[N, C]) over a data set's records;
-    an image that cannot be decoded is an error naming it (evaluation must see the whole split)."""
+
+def ap_mode(dataset: str) -> str:
+    """The AP rule of a data set named as the readers name it ("voc2007/test", "coco/val2017", ...)."""
+    return "voc07" if dataset.lower().startswith("voc2007/") else "area"
+
+
+def scores_on_records(predictors: list[Predictor], labeled: LabeledSet, batch_size: int = 8,
+                      progress: bool = True) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Every predictor's scores on a data set's records, from one decode and one proposal search per image.
+
+    Returns:
+        (per predictor scores float[N, C], targets float[N, C], ignore bool[N, C]). An image that
+        cannot be decoded is an error naming it: evaluation must see the whole split.
+    """
     C = len(labeled.class_names)
-    scores = []
+    # EdgeBoxes' best k boxes do not depend on its box limit: one search per edge model serves every T
+    searches: dict[str | None, EdgeBoxes] = {}
+    for p in predictors:
+        e, other = p.proposals, searches.get(p.proposals.edge_model)
+        if p.stage != "global" and (other is None or e.params.max_boxes > other.params.max_boxes):
+            searches[e.edge_model] = e
+    scores: list[list[np.ndarray]] = [[] for _ in predictors]
     recs = labeled.records
     for i in tqdm(range(0, len(recs), batch_size), desc="evaluate", unit="batch", disable=not progress):
-        part = recs[i:i + batch_size]
-        scores += [p.scores for p in predictor([decode_image(r.path) for r in part])]
-    targets = np.stack([r.target(C) for r in recs]) if recs else np.zeros((0, C), np.float32)
-    ignore = np.stack([r.difficult_only(C) for r in recs]) if recs else np.zeros((0, C), bool)
-    return np.stack(scores) if scores else np.zeros((0, C), np.float32), targets, ignore
+        images = [decode_image(r.path) for r in recs[i:i + batch_size]]
+        proposals = {key: [e(im) for im in images] for key, e in searches.items()}
+        for k, p in enumerate(predictors):  # a stage-1 model drops any proposals (whole images only)
+            scores[k] += [pred.scores for pred in p(images, proposals.get(p.proposals.edge_model))]
+    empty = np.zeros((0, C), np.float32)
+    targets = np.stack([r.target(C) for r in recs]) if recs else empty
+    ignore = np.stack([r.difficult_only(C) for r in recs]) if recs else empty.astype(bool)
+    return [np.stack(s) if s else empty for s in scores], targets, ignore
 
 
 def scores_on_shards(predictor: Predictor, split_dir: Path, batch_size: int = 8):
-    """The same from shards (their stored proposals), as training's evaluation reads them."""
+    """(scores float[N, C], targets float[N, C], ignore bool[N, C]) from shards (their stored
+    proposals), as training's evaluation reads them."""
     s = predictor.settings
     loader = shards.shard_loader(split_dir, batch_size=batch_size, image_size=s["image_size"], max_size=s["max_size"],
                                  max_regions=s["max_regions"],
@@ -64,6 +88,11 @@ def evaluate_table(results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     return ap_table({n: m["ap"] for n, m in metrics.items()}, class_names), metrics
 
 
+def f1_lines(metrics: dict[str, dict]) -> list[str]:
+    return [f"{name}: mAP {100 * m['mAP']:.1f}  CF1 {100 * m['CF1']:.1f}  OF1 {100 * m['OF1']:.1f} (threshold 0.5)"
+            for name, m in metrics.items()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = argparse.ArgumentParser(prog="python -m rgnn.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,39 +100,46 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                    help="checkpoint folder or .pt, or an MLflow URI; repeat for more rows")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--coco-root", help="COCO root (annotations/instances_<split>.json, <split>/)")
-    data.add_argument("--voc-root", help="VOCdevkit/VOC2007 or VOC2012")
+    data.add_argument("--voc-root", help="VOCdevkit, or its VOC2007 / VOC2012 folder")
     data.add_argument("--shards", help="shard folder made by sharding/build_shards.py")
-    p.add_argument("--split", help="split (default val2017; VOC: test)")
-    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (as in training)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", "--voc-split", help="split (default val2017; VOC: test)")
+    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--markdown", help="write the table as markdown here")
     p.add_argument("--csv", help="write the table as CSV here")
     args = p.parse_args(argv)
     split = args.split or ("test" if args.voc_root else "val2017")
     try:
+        if len(set(args.checkpoint)) != len(args.checkpoint):
+            raise ValueError(f"a checkpoint is named twice: {args.checkpoint}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: expected >= 1")
+        predictors = [Predictor.load(c, args.edge_model) for c in args.checkpoint]
         if args.shards:
             split_dir = Path(args.shards) / split
             shards.verify_shards(split_dir)
-            class_names, labeled = shards.class_names(split_dir), None
+            manifest = shards.read_manifest(split_dir)
+            class_names, dataset, labeled = list(manifest["class_names"]), manifest.get("dataset", ""), None
         else:
             labeled = read_voc(args.voc_root, split) if args.voc_root else read_coco(args.coco_root, split)
-            class_names = labeled.class_names
-        mode = "voc07" if args.voc_root and "2007" in Path(args.voc_root).resolve().name else "area"
-        results = {}
-        for ckpt in args.checkpoint:
-            predictor = Predictor.load(ckpt, args.edge_model)
+            class_names, dataset = labeled.class_names, labeled.name
+        for ckpt, predictor in zip(args.checkpoint, predictors):
             check_classes(predictor.class_names, class_names, str(ckpt))
-            results[str(ckpt)] = (scores_on_shards(predictor, split_dir, args.batch_size) if labeled is None
-                                  else scores_on_records(predictor, labeled, args.batch_size))
+        if labeled is None:
+            results = {c: scores_on_shards(predictor, split_dir, args.batch_size)
+                       for c, predictor in zip(args.checkpoint, predictors)}
+        else:
+            scores, targets, ignore = scores_on_records(predictors, labeled, args.batch_size)
+            results = {c: (s, targets, ignore) for c, s in zip(args.checkpoint, scores)}
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    mode = ap_mode(dataset)
     table, metrics = evaluate_table(results, class_names, mode)
-    rule = "VOC 2007 11-point AP" if mode == "voc07" else "AP = area under the precision-recall curve"
-    print(f"\nper-class AP (%) on {split}, {rule}\n\n" + to_markdown(table))
-    for name, m in metrics.items():
-        print(f"{name}: mAP {100 * m['mAP']:.1f}  CF1 {100 * m['CF1']:.1f}  OF1 {100 * m['OF1']:.1f} (threshold 0.5)")
+    head = f"per-class AP (%) on {dataset or split}, {RULES[mode]}"
+    print(f"\n{head}\n\n" + to_markdown(table) + "\n" + "\n".join(f1_lines(metrics)))
     if args.markdown:
-        Path(args.markdown).write_text(f"{rule}\n\n" + to_markdown(table))
+        Path(args.markdown).write_text(f"{head}\n\n" + to_markdown(table) + "\n"
+                                       + "".join(f"- {line}\n" for line in f1_lines(metrics)))
     if args.csv:
         Path(args.csv).write_text(to_csv(table))
     return metrics

@@ -1,11 +1,19 @@
 """Labels, class scores and the most-gated regions of images, from a trained RGNN.
 
     python -m rgnn.predict --checkpoint PATH_OR_URI IMAGE_OR_DIR... [--out preds.json] [--threshold 0.5]
+                           [--edge-model FILE] [--batch-size N] [--image-size S] [--max-regions T]
 
 The checkpoint is a folder or `checkpoint.pt` written by cluster/ (or rgnn.training), or an MLflow
-model URI such as `runs:/<run id>/model`. Each image gets its EdgeBoxes proposals (section 3), is
-resized as in training (the config saved beside the checkpoint), and goes through the model of the
-last stage it was trained in. A file that cannot be decoded is reported and skipped.
+model URI such as `runs:/<run id>/model`. Each image gets its EdgeBoxes proposals (section 3, with
+the training config's edge model unless --edge-model names one), is resized as in training (the
+config saved beside the checkpoint: shorter side, longer-side cap, T), and goes through the model
+of the last stage it was trained in (no gradient; on the GPU when there is one). Per image the JSON
+holds the labels whose sigmoid score is at or above the threshold, every class's score, and the 5
+regions of highest gate with their boxes in the image's own pixels. A file that cannot be decoded
+is reported on stderr, listed under "skipped" with the reason, and the rest go on.
+
+Python: `Predictor.load(checkpoint)` then `predictor(images)` (decoded RGB arrays) or
+`predict_files(predictor, paths)` (the CLI's document).
 """
 from __future__ import annotations
 
@@ -42,7 +50,16 @@ class Prediction:
 
 
 class Predictor:
-    """A trained RGNN with the settings of its training, ready for raw images."""
+    """A trained RGNN with the settings of its training, ready for raw images.
+
+    Args:
+        stage: the schedule stage the model was last trained in (section 4.2): "global" feeds
+            size-normalised whole images, "regional" holds the gates open, "gates"/"joint" gate.
+        settings: image_size (shorter side), max_size (longer-side cap), max_regions (T),
+            global_size (stage 1's square); missing ones take FALLBACK's.
+        edge_model: the structured-edge model file of EdgeBoxes; None: gradient edges.
+        device: default CUDA when available, else the CPU.
+    """
 
     def __init__(self, model: RGNN, class_names: list[str], stage: str, settings: dict,
                  edge_model: str | None = None, device: torch.device | None = None):
@@ -50,7 +67,10 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.stage = stage
-        self.settings = {k: settings.get(k) or v for k, v in FALLBACK.items()}
+        self.settings = {k: v if settings.get(k) is None else settings[k] for k, v in FALLBACK.items()}
+        if self.settings["image_size"] < 1 or self.settings["max_regions"] < 0:
+            raise ValueError(f"image_size={self.settings['image_size']} must be >= 1 and "
+                             f"max_regions={self.settings['max_regions']} >= 0")
         self.proposals = EdgeBoxes(ProposalParams(max_boxes=max(2 * self.settings["max_regions"], 1)), edge_model)
 
     @classmethod
@@ -62,19 +82,43 @@ class Predictor:
         config = file.parent / CONFIG_FILE
         settings = json.loads(config.read_text()) if config.is_file() else {}
         settings.update({k: v for k, v in overrides.items() if v is not None})
+        if edge_model is None and settings.get("edge_model"):  # the proposals of training
+            edge_model = settings["edge_model"]
+            if not Path(edge_model).is_file():
+                raise FileNotFoundError(f"structured-edge model file not found: {edge_model} (the model's "
+                                        "training used it; pass --edge-model with its path here)")
         stage = payload.get("stage") or (payload.get("state") or {}).get("stage") or "joint"
         return cls(model, payload["class_names"], stage, settings, edge_model)
 
+    def propose(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """EdgeBoxes proposals of one uint8 [H, W, 3] image: boxes float32[K, 4] in its pixels, scores
+        float32[K], best first (K <= 2T, a margin over the T that `prepare` keeps); none for the
+        global stage, which sees whole images only."""
+        if self.stage == "global":
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+        return self.proposals(image)
+
     @torch.no_grad()
-    def __call__(self, images: list[np.ndarray]) -> list[Prediction]:
-        """A batch of uint8 RGB images [H, W, 3] of any sizes -> one Prediction each."""
+    def __call__(self, images: list[np.ndarray],
+                 proposals: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[Prediction]:
+        """A batch of uint8 RGB images [H, W, 3] of any sizes -> one Prediction each.
+
+        Args:
+            proposals: per image what `propose` returns (or a longer list from the same EdgeBoxes
+                settings: its best T are the same boxes); None: computed here.
+        """
         s = self.settings
+        if proposals is None:
+            proposals = [self.propose(image) for image in images]
+        if len(proposals) != len(images):
+            raise ValueError(f"{len(images)} images but {len(proposals)} proposal lists")
+        if not images:
+            return []
         prepared = []
-        for image in images:
-            boxes, scores = self.proposals(image)
+        for image, (boxes, scores) in zip(images, proposals):
             prepared.append(shards.prepare(image, boxes, scores, s["image_size"], s["max_size"], s["max_regions"],
                                            s["global_size"] if self.stage == "global" else None))
-        batch, sizes = shards.pad_images([p[0] for p in prepared])
+        batch, sizes = shards.pad_images([p[0] for p in prepared])  # (N, 3, H, W), (N, 2)
         batch = batch.to(self.device)
         if self.stage == "global":
             logits = self.model.forward_global(batch)  # (N, C)
@@ -83,26 +127,34 @@ class Predictor:
         out = self.model(batch, sizes.to(self.device), [p[2].to(self.device) for p in prepared],
                          open_gates=self.stage == "regional")
         scores = torch.sigmoid(out.logits).float().cpu().numpy()  # (N, C)
+        all_boxes, image_index = out.boxes.float().cpu().numpy(), out.image_index.cpu().numpy()  # (R, 4), (R,)
+        all_gates = None if out.gates is None else out.gates.float().cpu().numpy()  # (R,) or (R, D)
         result = []
         for i, (_, _, _, (sx, sy)) in enumerate(prepared):
-            sel = (out.image_index == i).cpu()
-            boxes = out.boxes.cpu()[sel].numpy() / np.array([sx, sy, sx, sy], np.float32)  # original pixels
-            gates = None if out.gates is None else out.gates.float().cpu()[sel].numpy()
-            result.append(Prediction(scores[i], boxes, gates))
+            sel = image_index == i
+            boxes = all_boxes[sel] / np.array([sx, sy, sx, sy], np.float32)  # (R_i, 4) original pixels
+            result.append(Prediction(scores[i], boxes, None if all_gates is None else all_gates[sel]))
         return result
 
 
-def image_files(inputs: list[str]) -> tuple[list[Path], list[dict]]:
-    """Files named or found (sorted, non-recursive, hidden files left out) in folders; missing paths reported."""
-    files, skipped = [], []
+def _skip(skipped: list[dict], file: Path, reason: str) -> None:
+    """Report an input that is not predicted: on stderr (above a progress bar) and in the JSON."""
+    tqdm.write(f"skipped {file}: {reason}", file=sys.stderr)
+    skipped.append({"file": str(file), "reason": reason})
+
+
+def image_files(inputs: list[str], skipped: list[dict]) -> list[Path]:
+    """Files named or found (sorted, non-recursive, hidden files left out) in folders; a missing path
+    is added to `skipped`."""
+    files = []
     for item in map(Path, inputs):
         if item.is_dir():
             files += sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith("."))
         elif item.is_file():
             files.append(item)
         else:
-            skipped.append({"file": str(item), "reason": "no such file or folder"})
-    return files, skipped
+            _skip(skipped, item, "no such file or folder")
+    return files
 
 
 def _decoded(files: list[Path], skipped: list[dict]) -> Iterator[tuple[Path, np.ndarray]]:
@@ -110,27 +162,42 @@ def _decoded(files: list[Path], skipped: list[dict]) -> Iterator[tuple[Path, np.
         try:
             yield f, decode_image(f)
         except (ValueError, OSError) as e:
-            print(f"skipped {f}: {e}", file=sys.stderr)
-            skipped.append({"file": str(f), "reason": str(e)})
+            _skip(skipped, f, str(e))
+
+
+def _top_regions(boxes: np.ndarray, gates: np.ndarray, top: int) -> list[dict]:
+    """The `top` regions of highest gate, best first: boxes float[R, 4], gates float[R]."""
+    return [{"box": [round(float(v), 1) for v in boxes[r]], "gate": round(float(gates[r]), 4)}
+            for r in np.argsort(-gates, kind="stable")[:top]]
 
 
 def describe(p: Prediction, class_names: list[str], threshold: float, top: int = TOP_REGIONS) -> dict:
-    """A Prediction as JSON: labels above the threshold, every class's score, the top gated regions
-    (feature-level gates: the max over the gated dimensions)."""
-    regions = []
+    """A Prediction as JSON: labels at or above the threshold, every class's score, the top gated
+    regions (feature-level gates: by the max over the gated dimensions) and, for feature-level gates
+    with one dimension per class (fc8, softmax), each predicted label's own top regions."""
+    labels = [n for n, s in zip(class_names, p.scores) if s >= threshold]
+    doc = {"labels": labels, "scores": {n: round(float(s), 4) for n, s in zip(class_names, p.scores)},
+           "top_regions": []}
     if p.gates is not None:
-        g = p.gates.max(axis=1) if p.gates.ndim == 2 else p.gates  # (R,)
-        for r in np.argsort(-g, kind="stable")[:top]:
-            regions.append({"box": [round(float(v), 1) for v in p.boxes[r]], "gate": round(float(g[r]), 4)})
-    return {"labels": [n for n, s in zip(class_names, p.scores) if s >= threshold],
-            "scores": {n: round(float(s), 4) for n, s in zip(class_names, p.scores)},
-            "top_regions": regions}
+        doc["top_regions"] = _top_regions(p.boxes, p.gates.max(axis=1) if p.gates.ndim == 2 else p.gates, top)
+        if p.gates.ndim == 2 and p.gates.shape[1] == len(class_names):
+            doc["top_regions_by_label"] = {n: _top_regions(p.boxes, p.gates[:, class_names.index(n)], top)
+                                           for n in labels}
+    return doc
 
 
 def predict_files(predictor: Predictor, inputs: list[str], threshold: float = 0.5, batch_size: int = 8,
                   progress: bool = True) -> dict:
-    """Predict every image of `inputs` (files and folders); returns the JSON document of the CLI."""
-    files, skipped = image_files(inputs)
+    """Predict every image of `inputs` (files and folders), `batch_size` images per forward pass.
+
+    Returns:
+        the CLI's JSON document: {"classes", "threshold", "stage", "predictions": [{"file", "labels",
+        "scores", "top_regions", ...} per image], "skipped": [{"file", "reason"}]}.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    skipped: list[dict] = []
+    files = image_files(inputs, skipped)
     out: list[dict] = []
     pending: list[tuple[Path, np.ndarray]] = []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress or len(files) < 2)
@@ -159,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or .pt, or an MLflow URI (runs:/<id>/model)")
     p.add_argument("--out", default="preds.json", help="JSON output")
     p.add_argument("--threshold", type=float, default=0.5, help="score at or above which a label is predicted")
-    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (as in training)")
+    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--image-size", type=int, help="shorter side (default: the training config's)")
     p.add_argument("--max-regions", type=int, help="T proposals per image (default: the training config's)")

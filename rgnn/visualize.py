@@ -1,4 +1,10 @@
-"""Pictures: the paper's Figure 3 (gated regions and the gate heat-map) and precision-recall curves."""
+"""Pictures: the paper's Figure 3 (gated regions and the gate heat-map) and precision-recall curves.
+
+    python -m rgnn.visualize --checkpoint PATH_OR_URI IMAGE --out fig.png [--class NAME] [--edge-model FILE]
+
+draws Figure 3 for one image at its own size, through rgnn.predict's `Predictor` (the proposals and
+input size of the model's training).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or .pt, or an MLflow URI (runs:/<id>/model)")
     p.add_argument("--out", required=True, help="PNG to write (the image's own size)")
     p.add_argument("--class", dest="cls", help="feature-level gates: draw this class's gate (default: the max)")
-    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (as in training)")
+    p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
     args = p.parse_args(argv)
     try:
         predictor = Predictor.load(args.checkpoint, args.edge_model)

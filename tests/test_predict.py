@@ -11,19 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from rgnn.checkpoint import save_checkpoint
+from rgnn.checkpoint import load_checkpoint, save_checkpoint
 from rgnn.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
+from rgnn.data.voc import VOC_CLASSES, read_voc
 from rgnn.evaluate import main as evaluate_main
 from rgnn.metrics import average_precision, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
-from rgnn.predict import Predictor, main as predict_main
+from rgnn.predict import Prediction, Predictor, describe, main as predict_main
 from rgnn.proposals import ProposalParams
-from rgnn.training import model_config, run_stages
-from rgnn.visualize import main as visualize_main
+from rgnn.training import evaluate, model_config, run_stages
+from rgnn.visualize import class_gates, main as visualize_main
 from sharding.build_shards import build_shards
+
+torch.set_num_threads(1)
+MAINS = {"rgnn.predict": predict_main, "rgnn.evaluate": evaluate_main, "rgnn.visualize": visualize_main}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def trained(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     for split in ("train2017", "val2017"):
         build_shards(read_coco(synthetic_root, split), out / "shards", actors=0,
-                     params=ProposalParams(max_boxes=16), progress=False)
+                     params=ProposalParams(max_boxes=24), progress=False)
     cfg = resolve(TrainConfig(shards=str(out / "shards"), smoke_test=True, epochs=[1, 1, 1, 1], max_regions=12,
                               image_size=96, global_size=64, batch_size=12))
     names = shards.class_names(out / "shards" / "train2017")
@@ -43,7 +47,13 @@ def trained(synthetic_root, tmp_path_factory):
     return out
 
 
-def test_predict_folder_with_broken_and_mixed_files(trained, synthetic_root, tmp_path):
+def scores_in_batches(predictor: Predictor, paths: list[str], batch: int) -> np.ndarray:
+    """float[N, C] sigmoid scores of `predictor` (its own proposals), `batch` images per forward pass."""
+    return np.stack([p.scores for i in range(0, len(paths), batch)
+                     for p in predictor([decode_image(f) for f in paths[i:i + batch]])])
+
+
+def test_predict_folder_with_broken_and_mixed_files(trained, synthetic_root, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     jpgs = sorted((synthetic_root / "val2017").glob("*.jpg"))[:2]
@@ -55,27 +65,87 @@ def test_predict_folder_with_broken_and_mixed_files(trained, synthetic_root, tmp
     (folder / "broken.jpg").write_bytes(jpgs[1].read_bytes()[:200])
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "preds.json"
-    predict_main(["--checkpoint", str(trained / "ckpt"), str(folder), "--out", str(out), "--batch-size", "3"])
+    predict_main(["--checkpoint", str(trained / "ckpt"), str(folder), str(tmp_path / "gone.jpg"), "--out", str(out),
+                  "--batch-size", "3"])
     result = json.loads(out.read_text())
     assert sorted(p["file"].split("/")[-1] for p in result["predictions"]) == sorted(
         [f.name for f in jpgs] + ["colour.png", "grey.png"])
-    assert sorted(s["file"].split("/")[-1] for s in result["skipped"]) == ["broken.jpg", "notes.txt"]
-    assert all(s["reason"] for s in result["skipped"])
-    h, w = rgb.shape[:2]
+    reasons = {s["file"].split("/")[-1]: s["reason"] for s in result["skipped"]}
+    assert sorted(reasons) == ["broken.jpg", "gone.jpg", "notes.txt"]
+    assert reasons["gone.jpg"] == "no such file or folder"
+    assert "cannot decode image" in reasons["broken.jpg"] and "cannot decode image" in reasons["notes.txt"]
+    err = capsys.readouterr().err
+    assert all(f"skipped {s['file']}: {s['reason']}" in err for s in result["skipped"])
+    assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
     for p in result["predictions"]:
         assert set(p["scores"]) == set(result["classes"]) and len(result["classes"]) == 10
+        assert all(0.0 <= s <= 1.0 for s in p["scores"].values())
         assert p["labels"] == [n for n in result["classes"] if p["scores"][n] >= 0.5]
         gates = [r["gate"] for r in p["top_regions"]]
-        assert 1 <= len(gates) <= 5 and gates == sorted(gates, reverse=True)
+        assert len(gates) == 5 and gates == sorted(gates, reverse=True)
+
+    # the boxes are the image's own EdgeBoxes proposals (or the whole image), in its original pixels
+    predictor = Predictor.load(trained / "ckpt")
+    h, w = rgb.shape[:2]
+    boxes, _ = predictor.propose(rgb)
+    candidates = np.vstack([boxes[:12], [[0, 0, w, h]]])  # (T + 1, 4): T = 12 as trained
     colour = next(p for p in result["predictions"] if p["file"].endswith("colour.png"))
-    for r in colour["top_regions"]:  # boxes in the original image's pixels
-        x1, y1, x2, y2 = r["box"]
-        assert 0 <= x1 < x2 <= w + 0.1 and 0 <= y1 < y2 <= h + 0.1
+    for r in colour["top_regions"]:
+        assert np.abs(candidates - np.array(r["box"])).max(axis=1).min() < 0.1, r["box"]
+    # the PNG holds the JPEG's decoded pixels: the same prediction
+    jpg = next(p for p in result["predictions"] if p["file"].endswith(jpgs[0].name))
+    assert {k: v for k, v in jpg.items() if k != "file"} == {k: v for k, v in colour.items() if k != "file"}
 
 
-def test_predict_errors_name_the_problem(trained, tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint not found.*missing"):
-        predict_main(["--checkpoint", str(tmp_path / "missing"), str(tmp_path)])
+def test_predict_from_an_mlflow_model_uri(trained, synthetic_root, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(trained / "ckpt"), "model")  # as rgnn.artifacts logs the final model
+    image = str(sorted((synthetic_root / "val2017").glob("*.jpg"))[0])
+    by_uri = predict_main(["--checkpoint", f"runs:/{run.info.run_id}/model", image, "--out", str(tmp_path / "a.json")])
+    by_path = predict_main(["--checkpoint", str(trained / "ckpt"), image, "--out", str(tmp_path / "b.json")])
+    assert by_uri["predictions"] == by_path["predictions"] and len(by_uri["predictions"]) == 1
+
+
+def test_prediction_json_per_label_regions_for_feature_gates():
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c"]
+    boxes = rng.uniform(0, 50, (8, 4)).astype(np.float32)
+    gates = rng.uniform(size=(8, 3)).astype(np.float32)  # (R, C): feature-level gates, one per class
+    doc = describe(Prediction(np.array([0.9, 0.2, 0.6]), boxes, gates), names, threshold=0.5, top=2)
+    assert doc["labels"] == ["a", "c"] and set(doc["top_regions_by_label"]) == {"a", "c"}
+    for name, regions in doc["top_regions_by_label"].items():
+        best = np.argsort(-gates[:, names.index(name)])[:2]
+        assert [r["box"] for r in regions] == [[round(float(v), 1) for v in boxes[i]] for i in best]
+    assert [r["gate"] for r in doc["top_regions"]] == [round(float(g), 4) for g in np.sort(gates.max(1))[::-1][:2]]
+    region_level = describe(Prediction(np.array([0.9, 0.2, 0.6]), boxes, gates[:, 0]), names, 0.5)
+    assert "top_regions_by_label" not in region_level and len(region_level["top_regions"]) == 5
+
+
+@pytest.mark.parametrize("module", sorted(MAINS))
+def test_missing_checkpoint_is_a_clear_error(module, synthetic_root, tmp_path):
+    image = str(sorted((synthetic_root / "val2017").glob("*.jpg"))[0])
+    args = {"rgnn.predict": [image], "rgnn.evaluate": ["--coco-root", str(synthetic_root)],
+            "rgnn.visualize": [image, "--out", str(tmp_path / "f.png")]}[module]
+    with pytest.raises(SystemExit, match=f"error: checkpoint not found: {tmp_path}/missing"):
+        MAINS[module](["--checkpoint", str(tmp_path / "missing"), *args])
+
+
+def test_missing_edge_model_of_training_is_named(trained, tmp_path):
+    names = shards.class_names(trained / "shards" / "val2017")
+    save_checkpoint(tmp_path / "sed", RGNN(ModelConfig(num_classes=10)), names, {"edge_model": "/gone/model.yml.gz"})
+    with pytest.raises(SystemExit, match="edge model file not found: /gone/model.yml.gz.*--edge-model"):
+        predict_main(["--checkpoint", str(tmp_path / "sed"), str(tmp_path)])
+
+
+@pytest.mark.parametrize("module", sorted(MAINS))
+def test_cli_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        MAINS[module](["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"usage: python -m {module}" in text and "--checkpoint" in text
 
 
 def _csv_rows(path) -> dict[str, list[str]]:
@@ -88,23 +158,70 @@ def test_evaluate_table_equals_the_metrics_module(trained, synthetic_root, tmp_p
     metrics = evaluate_main(["--checkpoint", ckpt, "--coco-root", str(synthetic_root), "--batch-size", "4",
                              "--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")])
     labeled = read_coco(synthetic_root, "val2017")
-    predictor = Predictor.load(ckpt)
-    recs = labeled.records
-    scores = np.stack([p.scores for i in range(0, len(recs), 4)
-                       for p in predictor([decode_image(r.path) for r in recs[i:i + 4]])])  # same batches
+    scores = scores_in_batches(Predictor.load(ckpt), [r.path for r in labeled.records], 4)  # same batches
     targets = np.stack([r.target(10) for r in labeled.records])
     ap = average_precision(scores, targets, mode="area")
     np.testing.assert_allclose(metrics[ckpt]["ap"], ap, rtol=1e-6)
-    assert metrics[ckpt]["CF1"] == pytest.approx(multilabel_prf(scores, targets)["CF1"])
+    for k, v in multilabel_prf(scores, targets).items():
+        assert metrics[ckpt][k] == pytest.approx(v), k
     rows = _csv_rows(tmp_path / "t.csv")
     assert rows["header"] == [*labeled.class_names, "mAP"]
-    assert rows[ckpt][-1] == f"{100 * np.nanmean(ap):.1f}"
-    assert [c for c in rows[ckpt][:-1]] == ["-" if np.isnan(a) else f"{100 * a:.1f}" for a in ap]
-    assert "area under the precision-recall curve" in capsys.readouterr().out
-    assert (tmp_path / "t.md").read_text().count("|") > 10
+    assert rows[ckpt] == ["-" if np.isnan(a) else f"{100 * a:.1f}" for a in ap] + [f"{100 * np.nanmean(ap):.1f}"]
+    printed = capsys.readouterr().out
+    assert "area under the precision-recall curve" in printed and f"CF1 {100 * metrics[ckpt]['CF1']:.1f}" in printed
+    md = (tmp_path / "t.md").read_text()
+    assert "area under the precision-recall curve" in md and md.count("\n|") == 3 and "OF1" in md
 
-    from_shards = evaluate_main(["--checkpoint", ckpt, "--shards", str(trained / "shards")])
-    assert 0.0 <= from_shards[ckpt]["mAP"] <= 1.0 and len(from_shards[ckpt]["ap"]) == 10
+    # from the shards: the same numbers as training's own evaluation of the same model
+    cfg = TrainConfig(**json.loads((trained / "ckpt" / "config.json").read_text()))
+    model, _ = load_checkpoint(ckpt)
+    expected = evaluate(model, "joint", trained / "shards" / "val2017", cfg)
+    from_shards = evaluate_main(["--checkpoint", ckpt, "--shards", str(trained / "shards"), "--batch-size", "12"])
+    np.testing.assert_allclose(from_shards[ckpt]["ap"], expected["ap"], rtol=1e-6)
+    assert from_shards[ckpt]["OF1"] == pytest.approx(expected["OF1"])
+
+
+def _voc2007(synthetic_root, tmp_path):
+    """The synthetic val images as a VOC 2007 test set: class k of the synthetic set is VOC class k;
+    in the first image every box of its first class is `difficult`."""
+    root = tmp_path / "VOCdevkit" / "VOC2007"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    recs = read_coco(synthetic_root, "val2017").records
+    for i, r in enumerate(recs):
+        shutil.copy(r.path, root / "JPEGImages" / f"{i:06d}.jpg")
+        objs = "".join(
+            f"<object><name>{VOC_CLASSES[c]}</name><difficult>{int(i == 0 and c == r.gt_classes[0])}</difficult>"
+            f"<bndbox><xmin>{x1 + 1:.0f}</xmin><ymin>{y1 + 1:.0f}</ymin><xmax>{x2:.0f}</xmax><ymax>{y2:.0f}</ymax>"
+            f"</bndbox></object>" for (x1, y1, x2, y2), c in zip(r.gt_boxes, r.gt_classes))
+        (root / "Annotations" / f"{i:06d}.xml").write_text(
+            f"<annotation><size><width>{r.width}</width><height>{r.height}</height></size>{objs}</annotation>")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{i:06d}\n" for i in range(len(recs))))
+    return root
+
+
+def test_evaluate_voc2007_rows_rule_and_difficult(synthetic_root, tmp_path, capsys):
+    voc = _voc2007(synthetic_root, tmp_path)
+    ckpts = []  # different T share one proposal search; the stage-1 model uses none
+    models = [(4, "region", "joint"), (16, "feature", "joint"), (8, "region", "global")]
+    for seed, (t, gate, stage) in enumerate(models):
+        torch.manual_seed(seed)
+        ckpts.append(str(save_checkpoint(tmp_path / f"m{seed}", RGNN(ModelConfig(num_classes=20, gate=gate)),
+                                         VOC_CLASSES, {"image_size": 80, "max_size": 160, "max_regions": t,
+                                                       "global_size": 64}, stage=stage)))
+    metrics = evaluate_main([*(a for c in ckpts for a in ("--checkpoint", c)), "--voc-root", str(voc.parent),
+                             "--batch-size", "5"])
+    labeled = read_voc(voc, "test")
+    targets = np.stack([r.target(20) for r in labeled.records])
+    ignore = np.stack([r.difficult_only(20) for r in labeled.records])
+    assert ignore[0].sum() == 1 and ignore.sum() == 1
+    for ckpt in ckpts:
+        scores = scores_in_batches(Predictor.load(ckpt), [r.path for r in labeled.records], 5)
+        np.testing.assert_allclose(metrics[ckpt]["ap"], average_precision(scores, targets, "voc07", ignore))
+        assert metrics[ckpt]["CF1"] == pytest.approx(multilabel_prf(scores, targets, ignore=ignore)["CF1"])
+    assert np.isnan(metrics[ckpts[0]]["ap"][10:]).all()  # VOC classes the set does not have: "-"
+    out = capsys.readouterr().out
+    assert "voc2007/test, VOC 2007 11-point AP" in out and all(out.count(f"| {c} |") == 1 for c in ckpts)
 
 
 def test_evaluate_refuses_other_classes(trained, synthetic_root, tmp_path):
@@ -128,3 +245,17 @@ def test_visualize_writes_figure_3_at_the_image_size(trained, synthetic_root, tm
     save_checkpoint(tmp_path / "ungated", RGNN(ModelConfig(num_classes=10, gate="none")), names, {}, stage="regional")
     with pytest.raises(SystemExit, match="no gate picture"):
         visualize_main([str(image), "--checkpoint", str(tmp_path / "ungated"), "--out", str(tmp_path / "x.png")])
+
+
+def test_class_gates_picks_what_figure_3_draws():
+    names = ["a", "b"]
+    per_class = np.array([[0.1, 0.9], [0.8, 0.3]], np.float32)  # (R, C)
+    np.testing.assert_array_equal(class_gates(per_class, names, "b"), per_class[:, 1])
+    np.testing.assert_array_equal(class_gates(per_class, names, None), per_class[[0, 1], [1, 0]])
+    np.testing.assert_array_equal(class_gates(per_class[:, 0], names, None), per_class[:, 0])
+    with pytest.raises(ValueError, match="'z'"):
+        class_gates(per_class, names, "z")
+    with pytest.raises(ValueError, match="per region"):
+        class_gates(per_class[:, 0], names, "a")
+    with pytest.raises(ValueError, match="fc6/fc7"):
+        class_gates(np.ones((2, 7), np.float32), names, "a")

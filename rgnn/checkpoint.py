@@ -6,6 +6,7 @@ training config, readable without torch). Files are written under a temporary na
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -52,12 +53,18 @@ def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], con
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, its checkpoint.pt, or an MLflow URI (`runs:/<id>/model`) -> the .pt file."""
+    """A checkpoint folder, its checkpoint.pt, or an MLflow URI (`runs:/<id>/model`) -> the .pt file.
+
+    An MLflow URI is downloaded (from MLFLOW_TRACKING_URI's store) into one folder per URI under
+    ~/.cache/rgnn/mlflow, so repeated use neither re-downloads into new temp folders nor leaks them.
+    """
     text = str(path)
     if text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow  # only needed for MLflow URIs
 
-        text = mlflow.artifacts.download_artifacts(artifact_uri=text)
+        dst = Path.home() / ".cache" / "rgnn" / "mlflow" / hashlib.sha1(text.encode()).hexdigest()[:16]
+        dst.mkdir(parents=True, exist_ok=True)
+        text = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
     p = Path(text)
     if p.is_dir():
         p = p / CHECKPOINT_FILE

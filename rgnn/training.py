@@ -59,10 +59,10 @@ def stages_to_run(cfg: TrainConfig) -> list[str]:
 
 
 def check_classes(ckpt_classes: list[str], data_classes: list[str], where: str) -> None:
-    """A class list that differs between checkpoint and shards is an error, not a silent mismatch."""
+    """A class list that differs between checkpoint and data is an error, not a silent mismatch."""
     if list(ckpt_classes) != list(data_classes):
         raise ValueError(f"{where}: its {len(ckpt_classes)} classes {list(ckpt_classes)[:4]}... differ from "
-                         f"the shards' {len(data_classes)} classes {list(data_classes)[:4]}...")
+                         f"the data's {len(data_classes)} classes {list(data_classes)[:4]}...")
 
 
 def evaluate(model: RGNN, stage: str, val_dir: Path, cfg: TrainConfig, rank: int = 0, world: int = 1,

@@ -36,5 +36,7 @@ def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarra
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # PIL's message would name its in-memory buffer, not the input
+        raise ValueError(f"cannot decode image {name}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot decode image {name}: {e}") from None

@@ -100,6 +100,45 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     assert (tmp_path / "out" / "best_config.json").is_file()
 
 
+def test_a_finished_trial_started_again_replays_its_reports_without_training(tmp_path):
+    """The race behind --resume: a trial whose training finished just before Ctrl+C, not yet in
+    Tune's saved state, is started again; it must report its epochs again and touch nothing."""
+    import ray
+    from ray import tune
+
+    from cluster.train_coco import RUN_ID_FILE
+    from rgnn.tracking import start_run
+    from sharding.build_shards import init_ray
+    from tune.search import replay_finished
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_dirs = {}
+    for name, status in (("done", "FINISHED"), ("stopped", "KILLED")):
+        run_id = start_run(uri, "replay", name, {}, {})
+        for step, value in ((10, 0.2), (20, 0.3), (20, 0.35), (30, 0.4)):  # step 20: an epoch run twice
+            client.log_metric(run_id, "val/mAP", value, step=step)
+        client.set_terminated(run_id, status)
+        run_dirs[name] = tmp_path / name
+        run_dirs[name].mkdir()
+        (run_dirs[name] / RUN_ID_FILE).write_text(run_id)
+    end_time = client.get_run((run_dirs["done"] / RUN_ID_FILE).read_text()).info.end_time
+
+    def trainable(config):
+        assert not replay_finished(run_dirs["stopped"], uri)  # not finished: the trial trains again
+        assert not replay_finished(tmp_path / "new", uri)  # never started
+        assert replay_finished(run_dirs["done"], uri)
+
+    init_ray(num_cpus=1, include_dashboard=False)
+    try:
+        grid = tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"))).fit()
+    finally:
+        ray.shutdown()
+    assert grid[0].error is None
+    assert grid[0].metrics["training_iteration"] == 3 and grid[0].metrics["val/mAP"] == pytest.approx(0.4)
+    assert client.get_run((run_dirs["done"] / RUN_ID_FILE).read_text()).info.end_time == end_time
+
+
 def _space(tmp_path: Path) -> Path:
     path = tmp_path / "space.yaml"
     path.write_text("lr_joint: {grid: [0.0003, 0.001]}\nlambda_schedule: {grid: [linear, cosine]}\n")

@@ -17,12 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from cluster.data import prepare_shards  # noqa: E402
-from cluster.train_coco import train  # noqa: E402
+from cluster.train_coco import RUN_ID_FILE, train  # noqa: E402
 from sharding.build_shards import init_ray  # noqa: E402
 from rgnn.config import TrainConfig, build_parser, load_file, resolve  # noqa: E402
 from rgnn.tracking import RunLogger, git_commit, resolve_tracking_uri, start_run  # noqa: E402
@@ -58,10 +59,32 @@ def run_trial(params: dict, base: dict, shard_dirs: tuple[str, str], parent_run_
     cfg = apply(TrainConfig(**base), params)
     trial_id = tune.get_context().get_trial_id()
     cfg.name, cfg.storage, cfg.eval_every_epoch = f"trial-{trial_id}", storage, True
+    if replay_finished(Path(storage) / cfg.name, base["tracking_uri"]):
+        return
     if init_checkpoint:
         cfg.start_stage, cfg.init_checkpoint = "joint", init_checkpoint
     train(resolve(cfg), callbacks=[TuneReportCallback()], shard_dirs=tuple(Path(d) for d in shard_dirs),
           parent_run_id=parent_run_id, label=f"trial {trial_id}")
+
+
+def replay_finished(run_dir: Path, tracking_uri: str) -> bool:
+    """Report again, without training, the epochs of a trial whose training already finished.
+
+    A trial that finished just before a Ctrl+C can be missing from the state Tune saved, and
+    `--resume` then starts it again; train() marks its MLflow run FINISHED only when every epoch
+    ran, so that run's val mAP history (one point per epoch, eval_every_epoch) is the trial's reports.
+    """
+    id_file = run_dir / RUN_ID_FILE
+    if not id_file.is_file():
+        return False
+    client = MlflowClient(tracking_uri)
+    run_id = id_file.read_text().strip()
+    if client.get_run(run_id).info.status != "FINISHED":
+        return False
+    history = {m.step: m.value for m in client.get_metric_history(run_id, METRIC)}  # a restarted epoch logs twice
+    for step in sorted(history):
+        tune.report({METRIC: history[step], "replayed": True})
+    return True
 
 
 def _searcher(kind: str):
@@ -144,26 +167,23 @@ def main(argv: list[str] | None = None) -> dict:
     grid = tuner.fit()
     if len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state
         raise SystemExit(f"search interrupted; continue it with the same command and --resume (state in {out})")
-    return finish(grid, base, space, out, parent, reports)
+    return finish(grid, base, space, out, parent)
 
 
-def _close_trial_runs(client, grid, parent: str, reports: int) -> None:
-    """A trial that Tune stops (ASHA, or at its last report) is killed inside its training, so its
-    MLflow run is left RUNNING or FAILED: mark it FINISHED when every epoch reported, else KILLED."""
+def _close_trial_runs(client, grid, parent: str) -> None:
+    """A trial that ASHA stops is killed inside its training, leaving its MLflow run RUNNING or
+    FAILED (train() marks a run FINISHED only when every epoch ran): mark those KILLED."""
     experiment = client.get_run(parent).info.experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")}
     for result in grid:
         run = runs.get(f"trial {result.metrics.get('trial_id')}") if result.metrics else None
-        if run is None or result.error is not None:
+        if run is None or result.error is not None or run.info.status == "FINISHED":
             continue
-        done = result.metrics.get("training_iteration", 0) >= reports
-        if not done:
-            client.set_tag(run.info.run_id, "stopped_early", "true")
-        if run.info.status != ("FINISHED" if done else "KILLED"):
-            client.set_terminated(run.info.run_id, status="FINISHED" if done else "KILLED")
+        client.set_tag(run.info.run_id, "stopped_early", "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str, reports: int) -> dict:
+def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict:
     """best_config.json, the mAP vs lr / lambda schedule plot, both on the parent run."""
     rows = []
     for r in grid:
@@ -180,7 +200,7 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str, reports
     (out / "trials.json").write_text(json.dumps(rows, indent=2))
     plot_trials(rows, out / "map_vs_lr.png")
     log = RunLogger(base.tracking_uri, parent)
-    _close_trial_runs(log.client, grid, parent, reports)
+    _close_trial_runs(log.client, grid, parent)
     for name in ("best_config.json", "trials.json", "map_vs_lr.png"):
         log.artifact(out / name)
     log.metric("best/val_mAP", best["val_map"], 0)

@@ -31,6 +31,12 @@ from sharding.build_shards import init_ray  # noqa: E402
 RUN_ID_FILE = "mlflow_run_id.txt"
 
 
+def mlflow_run_id(run_dir: Path) -> str | None:
+    """The MLflow run of the Ray Train run in `run_dir`, None before its first start."""
+    id_file = run_dir / RUN_ID_FILE
+    return id_file.read_text().strip() if id_file.is_file() else None
+
+
 def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.dataset}-{cfg.gate}-{cfg.backbone}"
 
@@ -64,7 +70,7 @@ def train(cfg: TrainConfig, summary_path: str | None = None, callbacks: list | N
         check_classes(checkpoint_classes(cfg.init_checkpoint), class_names, str(resolve_checkpoint(cfg.init_checkpoint)))
 
     init_ray()
-    old_id = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+    old_id = mlflow_run_id(run_dir)
     tags = {"gate": cfg.gate, "backbone": cfg.backbone, "dataset": cfg.dataset, "git_commit": git_commit(),
             "stage_reached": "none", "ray_train_run": cfg.name}
     if parent_run_id:

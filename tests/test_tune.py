@@ -113,16 +113,16 @@ def test_a_finished_trial_started_again_replays_its_reports_without_training(tmp
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    run_dirs = {}
+    run_dirs, run_ids = {}, {}
     for name, status in (("done", "FINISHED"), ("stopped", "KILLED")):
-        run_id = start_run(uri, "replay", name, {}, {})
+        run_id = run_ids[name] = start_run(uri, "replay", name, {}, {})
         for step, value in ((10, 0.2), (20, 0.3), (20, 0.35), (30, 0.4)):  # step 20: an epoch run twice
             client.log_metric(run_id, "val/mAP", value, step=step)
         client.set_terminated(run_id, status)
         run_dirs[name] = tmp_path / name
         run_dirs[name].mkdir()
         (run_dirs[name] / RUN_ID_FILE).write_text(run_id)
-    end_time = client.get_run((run_dirs["done"] / RUN_ID_FILE).read_text()).info.end_time
+    end_time = client.get_run(run_ids["done"]).info.end_time
 
     def trainable(config):
         assert not replay_finished(run_dirs["stopped"], uri)  # not finished: the trial trains again
@@ -136,7 +136,7 @@ def test_a_finished_trial_started_again_replays_its_reports_without_training(tmp
         ray.shutdown()
     assert grid[0].error is None
     assert grid[0].metrics["training_iteration"] == 3 and grid[0].metrics["val/mAP"] == pytest.approx(0.4)
-    assert client.get_run((run_dirs["done"] / RUN_ID_FILE).read_text()).info.end_time == end_time
+    assert client.get_run(run_ids["done"]).info.end_time == end_time
 
 
 def _space(tmp_path: Path) -> Path:

@@ -23,7 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from cluster.data import prepare_shards  # noqa: E402
-from cluster.train_coco import RUN_ID_FILE, train  # noqa: E402
+from cluster.train_coco import mlflow_run_id, train  # noqa: E402
 from sharding.build_shards import init_ray  # noqa: E402
 from rgnn.config import TrainConfig, build_parser, load_file, resolve  # noqa: E402
 from rgnn.tracking import RunLogger, git_commit, resolve_tracking_uri, start_run  # noqa: E402
@@ -74,11 +74,10 @@ def replay_finished(run_dir: Path, tracking_uri: str) -> bool:
     `--resume` then starts it again; train() marks its MLflow run FINISHED only when every epoch
     ran, so that run's val mAP history (one point per epoch, eval_every_epoch) is the trial's reports.
     """
-    id_file = run_dir / RUN_ID_FILE
-    if not id_file.is_file():
+    run_id = mlflow_run_id(run_dir)
+    if run_id is None:
         return False
     client = MlflowClient(tracking_uri)
-    run_id = id_file.read_text().strip()
     if client.get_run(run_id).info.status != "FINISHED":
         return False
     history = {m.step: m.value for m in client.get_metric_history(run_id, METRIC)}  # a restarted epoch logs twice

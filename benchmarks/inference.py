@@ -16,6 +16,7 @@ slowest thread, and 2 threads on 2 busy cores can be many times slower than 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -27,12 +28,15 @@ import torch
 
 from report import RESULTS, write_result
 from rgnn.data.synthetic import make_image
+from rgnn.config import SYNTHETIC_RECIPE
+from rgnn.data.transforms import PAPER_INPUT, InputConfig
 from rgnn.data.voc import VOC_CLASSES
 from rgnn.model import RGNN, ModelConfig
 from rgnn.predict import Predictor
 
-# the network's input per backbone: shorter side, longer-side cap (rgnn.config's defaults)
-INPUT = {"small": (192, 384), "vgg16": (600, 1000), "resnet50": (600, 1000)}
+# the network's input per backbone: the built-in recipe's for the small CNN, the paper's for the others
+SMALL_INPUT = InputConfig(SYNTHETIC_RECIPE["image_size"], 2 * SYNTHETIC_RECIPE["image_size"], SYNTHETIC_RECIPE["global_size"])
+INPUT = {"small": SMALL_INPUT, "vgg16": PAPER_INPUT, "resnet50": PAPER_INPUT}
 PAPER_MS = {"total_gpu": 430, "edgeboxes": 200}
 
 
@@ -46,9 +50,9 @@ def time_backbone(name: str, images: list[np.ndarray], regions: int, device: tor
     """Median milliseconds per image of `Predictor.propose` and of the network (`Predictor.__call__`
     on the proposals), with T = `regions`."""
     torch.manual_seed(0)
-    size, max_size = INPUT[name]
+    inputs = dataclasses.replace(INPUT[name], max_regions=regions)
     predictor = Predictor(RGNN(ModelConfig(num_classes=len(VOC_CLASSES), backbone=name)), list(VOC_CLASSES),
-                          "joint", {"image_size": size, "max_size": max_size, "max_regions": regions}, device=device)
+                          "joint", inputs, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_prop, t_net, kept = [], [], []
     for i, image in enumerate([images[0], *images]):  # the first is a warm-up
@@ -63,7 +67,7 @@ def time_backbone(name: str, images: list[np.ndarray], regions: int, device: tor
             t_net.append(t2 - t1)
             kept.append(min(len(proposals[0]), regions))
     prop, net = 1000 * statistics.median(t_prop), 1000 * statistics.median(t_net)
-    return {"backbone": name, "input_shorter_side": size, "regions": regions,
+    return {"backbone": name, "input_shorter_side": inputs.image_size, "regions": regions,
             "regions_found": round(statistics.mean(kept), 1), "proposals_ms": round(prop, 1),
             "network_ms": round(net, 1), "total_ms": round(prop + net, 1)}
 

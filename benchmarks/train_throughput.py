@@ -29,6 +29,7 @@ from cluster.data import prepare_shards
 from report import RESULTS, write_result
 from rgnn.config import TrainConfig, resolve
 from rgnn.data import shards
+from rgnn.data.transforms import Preprocess
 from rgnn.engine import StageModel, train_one_epoch
 from rgnn.model import RGNN
 from rgnn.schedule import set_trainable
@@ -39,10 +40,8 @@ TARGET_PIPELINE = 3.0
 
 
 def loader(cfg: TrainConfig, split_dir: Path, stage: str, rank: int = 0, world: int = 1):
-    return shards.shard_loader(split_dir, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                               max_size=cfg.max_size, max_regions=cfg.max_regions,
-                               global_size=cfg.global_size if stage == "global" else None,
-                               rank=rank, world_size=world, shuffle=True, seed=0, epoch=0)
+    return shards.shard_loader(split_dir, Preprocess.for_stage(cfg.input, cfg.model, stage),
+                               batch_size=cfg.schedule.batch_size, rank=rank, world_size=world, shuffle=True)
 
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, split_dir: str, stage: str, steps: int,
@@ -55,7 +54,7 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, split_dir: str, 
     model = RGNN(model_config(cfg, len(names)))
     params = set_trainable(model, stage)
     net = torch.nn.parallel.DistributedDataParallel(StageModel(model, stage))
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.schedule.lr)
     batches = list(itertools.islice(itertools.cycle(loader(cfg, Path(split_dir), stage, rank, world)),
                                     warmup + steps))
     device = torch.device("cpu")
@@ -66,7 +65,7 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, split_dir: str, 
     dist.barrier()
     elapsed = time.perf_counter() - start
     if rank == 0:
-        results.put(world * steps * cfg.batch_size / elapsed)
+        results.put(world * steps * cfg.schedule.batch_size / elapsed)
     dist.destroy_process_group()
 
 
@@ -103,20 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     args = p.parse_args(argv)
     cfg = resolve(TrainConfig())
-    train_dir, _ = prepare_shards(cfg)
+    train_dir, _ = prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
     one = train_rate(cfg, train_dir, args.stage, 1, args.steps, args.warmup)
     two = train_rate(cfg, train_dir, args.stage, 2, args.steps, args.warmup)
     pipe = pipeline_rate(cfg, train_dir, args.stage, args.steps)
     result = {
-        "stage": args.stage, "backbone": cfg.backbone, "batch_per_worker": cfg.batch_size,
-        "image_size": cfg.image_size, "max_regions": cfg.max_regions, "cpus": os.cpu_count(),
+        "stage": args.stage, "backbone": cfg.model.backbone, "batch_per_worker": cfg.schedule.batch_size,
+        "image_size": cfg.input.image_size, "max_regions": cfg.input.max_regions, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "train_images_per_s_1_worker": round(one, 2), "train_images_per_s_2_workers": round(two, 2),
         "scaling_efficiency": round(two / (2 * one), 3), "pipeline_images_per_s": round(pipe, 2),
         "pipeline_over_training": round(pipe / one, 2),
     }
-    print(f"{args.stage} stage, {cfg.backbone} backbone, batch {cfg.batch_size}/worker, shorter side "
-          f"{cfg.image_size}, T={cfg.max_regions}, one thread per worker")
+    print(f"{args.stage} stage, {cfg.model.backbone} backbone, batch {cfg.schedule.batch_size}/worker, shorter side "
+          f"{cfg.input.image_size}, T={cfg.input.max_regions}, one thread per worker")
     print(f"  training, 1 worker : {one:7.2f} images/s")
     print(f"  training, 2 workers: {two:7.2f} images/s   scaling efficiency {result['scaling_efficiency']:.2f} "
           f"(target >= {TARGET_EFFICIENCY})")

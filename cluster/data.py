@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from rgnn.config import TrainConfig
+import ray
+
+from rgnn.config import DataConfig
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.synthetic import generate
+from rgnn.data.transforms import InputConfig
 from rgnn.data.voc import read_voc
 from rgnn.proposals import ProposalParams
+from sharding.build_shards import build_shards
 
 
 def _complete(split_dir: Path) -> bool:
@@ -21,13 +25,15 @@ def _complete(split_dir: Path) -> bool:
         return False
 
 
-def prepare_shards(cfg: TrainConfig, keep_ray: bool = True) -> tuple[Path, Path]:
+def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0, keep_ray: bool = True) -> tuple[Path, Path]:
     """Return the (train, val) shard folders, building them through sharding/ where needed.
 
     Built shards are cached under cfg.cache_dir by data set and proposal settings; a folder
     whose shards verify is reused, an incomplete one is resumed by the sharding job.
 
     Args:
+        inputs: T (max_regions) decides how many proposals are stored.
+        seed: the built-in synthetic set's seed.
         keep_ray: False disconnects from the Ray a build joined or started (for callers that
             train without Ray and must not die with that Ray).
     """
@@ -38,7 +44,7 @@ def prepare_shards(cfg: TrainConfig, keep_ray: bool = True) -> tuple[Path, Path]
             shards.verify_shards(d)  # names the missing or corrupt shard
         return dirs
     cache = Path(cfg.cache_dir).expanduser()
-    params = ProposalParams(max_boxes=max(cfg.max_regions, 1) * 2)
+    params = ProposalParams(max_boxes=inputs.stored_proposals)
     if cfg.coco_root or cfg.voc_root:
         src = Path(cfg.coco_root or cfg.voc_root).expanduser().resolve()
         key = f"{cfg.dataset}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
@@ -46,9 +52,9 @@ def prepare_shards(cfg: TrainConfig, keep_ray: bool = True) -> tuple[Path, Path]
         def read(split):
             return read_coco(src, split) if cfg.coco_root else read_voc(src, split)
     else:
-        src = cache / f"synthetic-{cfg.synthetic_train}-{cfg.synthetic_val}-seed{cfg.seed}"
+        src = cache / f"synthetic-{cfg.synthetic_train}-{cfg.synthetic_val}-seed{seed}"
         if not (src / "annotations" / "instances_val2017.json").is_file():
-            generate(src, cfg.synthetic_train, cfg.synthetic_val, cfg.seed)
+            generate(src, cfg.synthetic_train, cfg.synthetic_val, seed)
         key = src.name
 
         def read(split):
@@ -58,12 +64,8 @@ def prepare_shards(cfg: TrainConfig, keep_ray: bool = True) -> tuple[Path, Path]
     for split in (cfg.train_split, cfg.val_split):
         split_dir = out / split
         if not _complete(split_dir):
-            from sharding.build_shards import build_shards  # needs Ray; only when building
-
             build_shards(read(split), out, params=params, edge_model=cfg.edge_model)
         dirs.append(split_dir)
     if not keep_ray:
-        import ray
-
         ray.shutdown()  # a no-op when no build ran
     return tuple(dirs)

@@ -1,11 +1,13 @@
 """The per-worker function of Ray Train: rgnn.training.run_stages inside a thin Ray shell.
 
-Ray enters only here (STYLE.md, 5): `get_checkpoint` to resume, `prepare_model` for DDP, and
-`report` after every epoch, with rank 0 attaching the checkpoint (model, optimiser, stage, epoch,
-lambda state). A worker group restarted by FailureConfig resumes from the last checkpoint.
+Ray enters only here: `get_checkpoint` to resume, `prepare_model` for DDP, and `report` after
+every epoch, with rank 0 attaching the checkpoint (model, optimiser, stage, epoch, lambda state)
+and logging to the training's MLflow run. A worker group restarted by FailureConfig resumes from
+the last checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -16,38 +18,38 @@ import ray.train.torch
 import torch
 
 from rgnn.artifacts import log_final_artifacts
-from rgnn.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from rgnn.checkpoint import check_classes, read_checkpoint, resolve_checkpoint, save_checkpoint
 from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.model import RGNN
 from rgnn.tracking import RunLogger
-from rgnn.training import TrainState, check_classes, lambda_schedule, model_config, run_stages
+from rgnn.training import Hooks, TrainState, epoch_line, model_config, run_stages
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = TrainConfig(**config["cfg"])
+    cfg = TrainConfig.from_flat(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.schedule.seed)
     train_dir, val_dir = Path(config["train_dir"]), Path(config["val_dir"])
     class_names = shards.class_names(train_dir)
     model = RGNN(model_config(cfg, len(class_names)))
-    state = TrainState(stage=cfg.start_stage)
+    state = TrainState(stage=cfg.cluster.start_stage)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restart after a worker failure, or --resume
         with ckpt.as_directory() as d:
-            _, payload = load_checkpoint(d)
+            payload = read_checkpoint(d)
         check_classes(payload["class_names"], class_names, "checkpoint")
         model.load_state_dict(payload["model"])
         state = TrainState(**payload["state"])
         if rank == 0:
             print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done",
                   file=sys.__stdout__, flush=True)
-    elif cfg.init_checkpoint:
-        _, payload = load_checkpoint(cfg.init_checkpoint)
-        check_classes(payload["class_names"], class_names, str(resolve_checkpoint(cfg.init_checkpoint)))
+    elif cfg.cluster.init_checkpoint:
+        payload = read_checkpoint(cfg.cluster.init_checkpoint)
+        check_classes(payload["class_names"], class_names, str(resolve_checkpoint(cfg.cluster.init_checkpoint)))
         model.load_state_dict(payload["model"])
     model.to(device)
     log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
@@ -57,22 +59,26 @@ def train_loop_per_worker(config: dict) -> None:
     if log is not None:
         log.tag("ray_nodes", len(set(nodes)))  # how many nodes the DDP workers span
 
+    def on_epoch(state: TrainState, metrics: dict, result: dict | None) -> None:
+        log.epoch(state, metrics, result)
+        # sys.__stdout__: under Ray Train a plain print reaches the job's log twice
+        print(epoch_line(metrics, result), file=sys.__stdout__, flush=True)
+
     def report(state: TrainState, metrics: dict) -> None:
         """Every rank reports (it is a barrier); rank 0 attaches the epoch's checkpoint."""
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(tmp, model, class_names, cfg.to_dict(), state=state.to_dict(),
-                                lambda_schedule=lambda_schedule(cfg).__dict__)
+                save_checkpoint(tmp, model, class_names, cfg.to_flat(), state=state.to_dict(),
+                                lambda_schedule=dataclasses.asdict(cfg.schedule.lambdas))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        # rgnn.schedule.set_trainable freezes what a stage's forward does not run (fc8 when fc6/fc7
-        # is pooled, all but the gate in stage 3), so every trainable parameter gets a gradient.
-        return ray.train.torch.prepare_model(module)
-
-    final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, wrap, report, log)
+    # rgnn.schedule.set_trainable freezes what a stage's forward does not run (fc8 when fc6/fc7
+    # is pooled, all but the gate in stage 3), so every trainable parameter gets a gradient.
+    hooks = Hooks(wrap=ray.train.torch.prepare_model, report=report,
+                  on_step=log.step if log else None, on_epoch=on_epoch if log else None)
+    final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, hooks)
     if log is not None and final is not None:
         log_final_artifacts(log, model, *final, class_names, val_dir, cfg)
         log.flush()

@@ -2,13 +2,18 @@
 
 A checkpoint is a folder with `checkpoint.pt` (model state, class names, model config, and for
 training: optimiser, stage, epoch, lambda state, mAPs so far) and `config.json` (the resolved
-training config, readable without torch). Files are written under a temporary name and renamed.
+training config as flat settings, readable without torch). Files are written under a temporary
+name, fsynced and renamed.
+
+A checkpoint is untrusted input (it may come from shared storage or an MLflow server): it is
+loaded with `weights_only=True`, so a pickle that would run code is refused, never executed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,17 +26,30 @@ CONFIG_FILE = "config.json"
 
 
 def _atomic_write(path: Path, write) -> None:
+    """`write(tmp)`, fsync, rename over `path`: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Text written under a temporary name, fsynced and renamed: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: p.write_text(text))
+    return path
 
 
 def write_json(path: str | Path, data) -> Path:
-    """JSON written under a temporary name and renamed: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2)))
-    return path
+    """JSON written as `write_text` writes."""
+    return write_text(path, json.dumps(data, indent=2))
 
 
 def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], config: dict | None = None,
@@ -73,23 +91,46 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def _read_payload(file: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The payload of a checkpoint file, loaded as data only (weights_only: no code runs)."""
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: a class or call it does not allow
+        what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
+        raise ValueError(f"{file} is not a safe RGNN checkpoint: it holds objects other than tensors and "
+                         f"plain containers, and nothing in it was run. {what}".rstrip()) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{file} is not an RGNN checkpoint: {e!r}") from None
+    if not isinstance(payload, dict) or not {"model", "model_config", "class_names"} <= set(payload):
+        raise ValueError(f"{file} is not an RGNN checkpoint: expected a dict with model, model_config, class_names")
+    return payload
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The payload of a checkpoint (folder, .pt or MLflow URI) on the CPU, without building a model."""
+    return _read_payload(resolve_checkpoint(path))
+
+
 def checkpoint_classes(path: str | Path) -> list[str]:
     """The class names of a checkpoint, without loading its weights into memory."""
     file = resolve_checkpoint(path)
-    payload = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    if "class_names" not in payload:
-        raise ValueError(f"{file} is not an RGNN checkpoint: no class_names")
-    return list(payload["class_names"])
+    return list(_read_payload(file, mmap=True)["class_names"])
+
+
+def check_classes(ckpt_classes: list[str], data_classes: list[str], where: str) -> None:
+    """A class list that differs between checkpoint and data is an error, not a silent mismatch."""
+    if list(ckpt_classes) != list(data_classes):
+        raise ValueError(f"{where}: its {len(ckpt_classes)} classes {list(ckpt_classes)[:4]}... differ from "
+                         f"the data's {len(data_classes)} classes {list(data_classes)[:4]}...")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RGNN, dict]:
     """Rebuild the RGNN of a checkpoint; returns (model in eval mode, the whole payload)."""
     file = resolve_checkpoint(path)
+    payload = _read_payload(file, map_location)
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=False)
-        cfg = ModelConfig(**{**payload["model_config"], "weights": None})
-    except (KeyError, TypeError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{file} is not an RGNN checkpoint: {e!r}") from None
-    model = RGNN(cfg)
-    model.load_state_dict(payload["model"])
+        model = RGNN(ModelConfig(**{**payload["model_config"], "weights": None}))
+        model.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{file} is not an RGNN checkpoint of this code: {e!r}") from None
     return model.eval(), payload

@@ -1,28 +1,42 @@
-"""Training configuration: one dataclass, built from defaults, an optional JSON/YAML file and flags.
+"""Training configuration: a dataclass per concern, nested in `TrainConfig`, flat only at the edges.
 
-Precedence: built-in defaults < `--config FILE` < command-line flags. Fields left at None are
-filled by `resolve()` with the paper's settings for real data (VGG-16, 10/10/10/20 epochs) or
-small ones for the built-in synthetic set. The resolved config is saved beside every checkpoint
-and logged to MLflow as flat params.
+    TrainConfig
+      data:     DataConfig      where the images come from
+      model:    ModelConfig     what the RGNN is (rgnn.model; num_classes comes from the data)
+      input:    InputConfig     sizes and T (rgnn.data.transforms)
+      schedule: ScheduleConfig  the 4 stages, with lambda's LambdaSchedule (rgnn.schedule)
+      cluster:  ClusterConfig   workers, storage, restarts
+      tracking: TrackingConfig  MLflow
+
+Flags, config files (`--config`, `config.json` beside every checkpoint), Ray's train_loop_config,
+Tune's search space and MLflow params use one flat name per field (`gate`, `lambda_schedule`,
+`max_regions`, ...): `TrainConfig.from_flat` / `to_flat` convert. Precedence: built-in defaults <
+`--config FILE` < command-line flags. Fields left at None are filled by `resolve()` with the
+recipe of the run (the paper's for real data, small ones for the built-in synthetic set).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
 
-from rgnn.schedule import STAGES
+from rgnn.backbones import BACKBONES
+from rgnn.data.transforms import PAPER_INPUT, InputConfig
+from rgnn.model import GATES, POOL_LAYERS, ModelConfig
+from rgnn.pooling import SCALES
+from rgnn.schedule import LAMBDA_FAMILIES, STAGES, LambdaSchedule
 
-LAMBDA_FAMILIES = ("constant", "linear", "cosine", "step", "exponential")
+DATA_SETS = ("coco", "voc", "shards", "synthetic")
 
 
 @dataclass
-class TrainConfig:
-    # data: exactly one of shards / coco_root / voc_root, or none for the built-in synthetic set
+class DataConfig:
+    """Exactly one of shards / coco_root / voc_root, or none for the built-in synthetic set."""
+
     shards: str | None = None
     coco_root: str | None = None
     voc_root: str | None = None
@@ -32,31 +46,34 @@ class TrainConfig:
     synthetic_val: int = 300
     cache_dir: str = "~/.cache/rgnn"
     edge_model: str | None = None
-    # model (rgnn.model.ModelConfig)
-    backbone: str | None = None
-    gate: str = "region"
-    scales: int = 5
-    pool_layer: str = "softmax"
-    hidden: int = 512
-    dropout: float | None = None
-    weights: str | None = None
-    # the 4 stages (rgnn.schedule)
+
+    @property
+    def dataset(self) -> str:
+        if self.coco_root:
+            return "coco"
+        if self.voc_root:
+            return "voc"
+        return "shards" if self.shards else "synthetic"
+
+
+@dataclass
+class ScheduleConfig:
+    """The 4 stages of section 4.2: epochs, rates, batch, lambda of eq. 9."""
+
     epochs: list[int] | None = None
     lr: float | None = None
     stage_lr: dict[str, float] = field(default_factory=dict)
-    lambda_schedule: str = "linear"
-    lambda_start: float = 1.0
-    lambda_end: float = 0.0
-    lambda_rate: float = 5.0
-    lambda_steps: list[float] = field(default_factory=lambda: [0.5])
+    lambdas: LambdaSchedule = field(default_factory=LambdaSchedule)
     batch_size: int | None = None
-    image_size: int | None = None
-    max_size: int | None = None
-    global_size: int | None = None
-    max_regions: int | None = None
     eval_every_epoch: bool = False
     seed: int = 0
-    # cluster
+
+    def lr_for(self, stage: str) -> float:
+        return self.stage_lr.get(stage, self.lr)
+
+
+@dataclass
+class ClusterConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None
@@ -67,83 +84,158 @@ class TrainConfig:
     start_stage: str = "global"
     init_checkpoint: str | None = None
     max_failures: int = 2
-    # MLflow
+
+
+@dataclass
+class TrackingConfig:
     tracking_uri: str | None = None
     experiment: str = "rgnn"
-    # a tiny synthetic run of the whole pipeline
-    smoke_test: bool = False
+
+
+def _model_defaults() -> ModelConfig:
+    return ModelConfig(backbone=None, dropout=None)  # chosen by the recipe in resolve()
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=_model_defaults)
+    input: InputConfig = field(default_factory=InputConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    smoke_test: bool = False  # a tiny synthetic run of the whole pipeline
 
     @property
     def dataset(self) -> str:
-        if self.coco_root:
-            return "coco"
-        if self.voc_root:
-            return "voc"
-        return "shards" if self.shards else "synthetic"
+        return self.data.dataset
 
-    def lr_for(self, stage: str) -> float:
-        return self.stage_lr.get(stage, self.lr)
+    def get(self, name: str):
+        """The value of the field whose flat name is `name`."""
+        *parents, last = _path(name)
+        obj = self
+        for p in parents:
+            obj = getattr(obj, p)
+        return getattr(obj, last)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def set(self, name: str, value) -> None:
+        *parents, last = _path(name)
+        obj = self
+        for p in parents:
+            obj = getattr(obj, p)
+        if isinstance(getattr(obj, last), tuple) and isinstance(value, list):
+            value = tuple(value)  # JSON and YAML give lists where the dataclass keeps tuples
+        setattr(obj, last, value)
+
+    def to_flat(self) -> dict:
+        """{flat name: value} of every field (JSON-ready: what config files and Ray carry)."""
+        return {name: _plain(self.get(name)) for name in FLAT_NAMES}
+
+    @classmethod
+    def from_flat(cls, values: dict | None = None, **more) -> "TrainConfig":
+        """A TrainConfig from flat names (unknown names are an error)."""
+        cfg = cls()
+        for name, value in {**(values or {}), **more}.items():
+            cfg.set(name, value)
+        return cfg
 
     def flat(self) -> dict[str, str]:
         """Flat string params for MLflow (lists and dicts as JSON)."""
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_dict().items()}
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_flat().items()}
+
+    def copy(self, **changes) -> "TrainConfig":
+        """A deep copy with flat-named changes."""
+        return TrainConfig.from_flat({**self.to_flat(), **changes})
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, dict) else value
+
+
+def _flat_paths(obj, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out.update(_flat_paths(value, prefix + (f.name,)))
+        elif f.name != "num_classes":  # the data's, not a setting
+            out[f.metadata.get("flat", f.name)] = prefix + (f.name,)
+    return out
+
+
+_PATHS = _flat_paths(TrainConfig())
+FLAT_NAMES = tuple(_PATHS)
+
+
+def _path(name: str) -> tuple[str, ...]:
+    if name not in _PATHS:
+        raise ValueError(f"unknown setting {name!r}")
+    return _PATHS[name]
+
+
+# The recipes (flat names). The paper's (section 4.2): VGG-16, 10/10/10/20 epochs, Adam lr 1e-4,
+# dropout 0.5, 2 images per step, Fast R-CNN's free-size input and T = 500.
+PAPER_RECIPE = dict(backbone="vgg16", epochs=[10, 10, 10, 20], lr=1e-4, dropout=0.5, batch_size=2,
+                    **dataclasses.asdict(PAPER_INPUT))
+# The small CNN from scratch on the built-in set: a larger rate, light dropout (measured on this set).
+SYNTHETIC_RECIPE = dict(backbone="small", epochs=[4, 4, 2, 4], lr=1e-3, dropout=0.1, batch_size=16,
+                        image_size=192, global_size=128, max_regions=64)
+SMOKE_RECIPE = dict(backbone="small", epochs=[1, 1, 1, 2], lr=1e-3, dropout=0.1, batch_size=8,
+                    image_size=128, global_size=128, max_regions=48)
+SMOKE_DATA = dict(synthetic_train=48, synthetic_val=24)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the None fields with data-dependent defaults and check every value."""
-    real = cfg.dataset in ("coco", "voc", "shards")
-    if sum(bool(x) for x in (cfg.shards, cfg.coco_root, cfg.voc_root)) > 1:
+    """Fill the None fields with the run's recipe and check every value."""
+    d = cfg.data
+    if sum(bool(x) for x in (d.shards, d.coco_root, d.voc_root)) > 1:
         raise ValueError("give at most one of --shards, --coco-root, --voc-root")
     if cfg.smoke_test:
-        defaults = dict(backbone="small", epochs=[1, 1, 1, 2], lr=1e-3, dropout=0.1, batch_size=8,
-                        image_size=128, global_size=128, max_regions=48, synthetic_train=48, synthetic_val=24)
-    elif real:
-        # the paper (section 4.2): VGG-16, 10/10/10/20 epochs, 224 px size-normalised global
-        # input; Fast R-CNN's free-size input (shorter side 600, longer side at most 1000).
-        defaults = dict(backbone="vgg16", epochs=[10, 10, 10, 20], lr=1e-4, dropout=0.5, batch_size=2,
-                        image_size=600, max_size=1000, global_size=224, max_regions=500)
+        recipe = {**SMOKE_RECIPE, **SMOKE_DATA}
+    elif cfg.dataset in ("coco", "voc", "shards"):
+        recipe = PAPER_RECIPE
     else:
-        # the small CNN trains from scratch: a larger rate, light dropout (measured on this set)
-        defaults = dict(backbone="small", epochs=[4, 4, 2, 4], lr=1e-3, dropout=0.1, batch_size=16,
-                        image_size=192, global_size=128, max_regions=64)
-    for k, v in defaults.items():
-        if getattr(cfg, k) is None or (cfg.smoke_test and k.startswith("synthetic_")):
-            setattr(cfg, k, v)
-    if cfg.max_size is None:
-        cfg.max_size = cfg.image_size * 2
-    if cfg.train_split is None:
-        cfg.train_split = "trainval" if cfg.dataset == "voc" else "train2017"
-    if cfg.val_split is None:
-        cfg.val_split = "test" if cfg.dataset == "voc" else "val2017"
+        recipe = SYNTHETIC_RECIPE
+    for name, value in recipe.items():
+        if cfg.get(name) is None or name in SMOKE_DATA:
+            cfg.set(name, value)
+    if cfg.input.max_size is None:
+        cfg.input.max_size = cfg.input.image_size * 2
+    if d.train_split is None:
+        d.train_split = "trainval" if cfg.dataset == "voc" else "train2017"
+    if d.val_split is None:
+        d.val_split = "test" if cfg.dataset == "voc" else "val2017"
     _check(cfg)
     return cfg
 
 
+# flag choices and checks share these tuples
+CHOICES = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS,
+           "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES}
+
+
 def _check(cfg: TrainConfig) -> None:
-    choices = {"backbone": ("vgg16", "resnet50", "small"), "gate": ("none", "region", "feature"),
-               "scales": (1, 5), "pool_layer": ("fc6", "fc7", "fc8", "softmax"),
-               "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r}: expected one of {allowed}")
-    if len(cfg.epochs) != 4 or any(e < 0 for e in cfg.epochs):
-        raise ValueError(f"epochs={cfg.epochs}: expected four counts >= 0 (global, regional, gates, joint)")
-    for stage in cfg.stage_lr:
+    for name, allowed in CHOICES.items():
+        if cfg.get(name) not in allowed:
+            raise ValueError(f"{name}={cfg.get(name)!r}: expected one of {allowed}")
+    s, c = cfg.schedule, cfg.cluster
+    s.lambdas = LambdaSchedule(**dataclasses.asdict(s.lambdas))  # checks the family's parameters
+    if len(s.epochs) != 4 or any(e < 0 for e in s.epochs):
+        raise ValueError(f"epochs={s.epochs}: expected four counts >= 0 (global, regional, gates, joint)")
+    for stage in s.stage_lr:
         if stage not in STAGES:
             raise ValueError(f"stage_lr has unknown stage {stage!r}: expected one of {STAGES}")
-    if cfg.workers < 1 or cfg.batch_size < 1 or cfg.max_regions < 0:
+    if c.workers < 1 or s.batch_size < 1 or cfg.input.max_regions < 0:
         raise ValueError("workers and batch_size must be >= 1 and max_regions >= 0")
-    if not 0.0 <= cfg.dropout < 1.0 or cfg.lr <= 0:
-        raise ValueError(f"dropout={cfg.dropout} must be in [0, 1) and lr={cfg.lr} > 0")
-    if cfg.start_stage != "global" and not (cfg.init_checkpoint or cfg.resume):
-        raise ValueError(f"--start-stage {cfg.start_stage} needs --init-checkpoint (the weights to start from)")
+    if not 0.0 <= cfg.model.dropout < 1.0 or s.lr <= 0:
+        raise ValueError(f"dropout={cfg.model.dropout} must be in [0, 1) and lr={s.lr} > 0")
+    cfg.input.validate()
+    if c.start_stage != "global" and not (c.init_checkpoint or c.resume):
+        raise ValueError(f"--start-stage {c.start_stage} needs --init-checkpoint (the weights to start from)")
 
 
 def load_file(path: str | Path) -> dict:
-    """A JSON or YAML config file -> dict of TrainConfig fields (unknown keys are an error)."""
+    """A JSON or YAML config file -> dict of flat settings (unknown keys are an error)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())  # JSON is YAML
@@ -153,8 +245,7 @@ def load_file(path: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON/YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(FLAT_NAMES))
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}")
     return data
@@ -184,10 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-val", type=int, help="built-in set: validation images (default 300)")
     d.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (paper's setting)")
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", choices=("vgg16", "resnet50", "small"), help="default vgg16 on real data, small on the built-in set")
-    m.add_argument("--gate", choices=("none", "region", "feature"), help="gate type (default region)")
-    m.add_argument("--scales", type=int, choices=(1, 5), help="cross-region max pooling scales (default 5)")
-    m.add_argument("--pool-layer", choices=("fc6", "fc7", "fc8", "softmax"), help="layer that is gated and pooled (default softmax)")
+    m.add_argument("--backbone", choices=BACKBONES, help="default vgg16 on real data, small on the built-in set")
+    m.add_argument("--gate", choices=GATES, help="gate type (default region)")
+    m.add_argument("--scales", type=int, choices=SCALES, help="cross-region max pooling scales (default 5)")
+    m.add_argument("--pool-layer", choices=POOL_LAYERS, help="layer that is gated and pooled (default softmax)")
     m.add_argument("--weights", help="'imagenet' (torchvision weights from the local torch cache) or a .pth path; default random init")
     s = p.add_argument_group("schedule")
     s.add_argument("--epochs", type=_epochs, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); paper 10,10,10,20")
@@ -223,11 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: dict) -> TrainConfig:
+    """Parsed flags (a dict; `config` names a settings file, flags win over it) -> an unresolved TrainConfig.
+    Pops what it uses; other keys are left for the caller."""
+    values = load_file(args.pop("config")) if "config" in args else {}
+    values.update({k: args.pop(k) for k in list(args) if k in _PATHS})
+    return TrainConfig.from_flat(values)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """argv -> (resolved TrainConfig, --summary path)."""
     args = vars(build_parser().parse_args(argv))
     summary = args.pop("summary", None)
-    values = load_file(args.pop("config")) if "config" in args else {}
-    values.update(args)
-    cfg = TrainConfig(**values)
-    return resolve(cfg), summary
+    return resolve(config_from_args(args)), summary

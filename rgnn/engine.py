@@ -1,7 +1,8 @@
-"""The training and evaluation loop of the 4 stages, in plain PyTorch (Ray wraps it in cluster/).
+"""One epoch of training and one pass of scoring, in plain PyTorch (no Ray, no MLflow).
 
 `StageModel` puts the stage's forward behind `forward()` so that DistributedDataParallel (which
-only hooks `forward`) syncs gradients in every stage, the size-normalised global stage included.
+only hooks `forward`) syncs gradients in every stage, the size-normalised global stage included,
+and returns one type, `RGNNOutput`, whatever the stage.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rgnn.losses import balanced_multilabel_loss, localization_loss, region_targets
+from rgnn.data.transforms import Batch
+from rgnn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, region_targets
 from rgnn.model import RGNN, RGNNOutput
 
 
@@ -28,42 +30,51 @@ class StageModel(nn.Module):
         self.model = model
         self.stage = stage
 
-    def forward(self, batch) -> torch.Tensor | RGNNOutput:
+    def forward(self, batch: Batch) -> RGNNOutput:
+        return self.run(batch.images, batch.image_sizes, batch.boxes)
+
+    def run(self, images: torch.Tensor, image_sizes: torch.Tensor, boxes: list[torch.Tensor]) -> RGNNOutput:
+        """Tensor[N, 3, H, W], long Tensor[N, 2] (h, w), N x Tensor[T_i, 4] -> the stage's RGNNOutput."""
         if self.stage == "global":
-            return self.model.forward_global(batch.images)  # (N, C)
-        return self.model(batch.images, batch.image_sizes, batch.boxes,
-                          open_gates=self.stage == "regional")
+            return RGNNOutput.whole_images(self.model.forward_global(images), image_sizes)
+        return self.model(images, image_sizes, boxes, open_gates=self.stage == "regional")
 
     def extra_repr(self) -> str:
         return f"stage={self.stage}"
 
 
-def stage_losses(out, batch, stage: str, lam: float, num_classes: int) -> dict[str, torch.Tensor]:
-    """The loss of each stage (DESIGN.md's table): eq. 6, eq. 7, or eq. 9 = eq. 6 + lambda eq. 7.
+def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_classes: int,
+                 class_aware: bool = False) -> dict[str, torch.Tensor]:
+    """The loss of each stage (rgnn.schedule's table): eq. 6, eq. 7, or eq. 9 = eq. 6 + lambda eq. 7.
 
-    Returns a dict with `loss` (what is minimised) and its parts `loss_cls`, `loss_loc`.
+    Args:
+        class_aware: eq. 8's target of feature-level gates per class (see `losses.region_targets`).
+
+    Returns:
+        a dict with `loss` (what is minimised) and its parts `loss_cls`, `loss_loc`.
     """
-    logits = out if stage == "global" else out.logits
-    zero = logits.new_zeros(())
-    loss_cls = balanced_multilabel_loss(logits, batch.targets) if stage != "gates" else zero
+    zero = out.logits.new_zeros(())
+    loss_cls = balanced_multilabel_loss(out.logits, batch.targets) if stage != "gates" else zero
     loss_loc = zero
     if stage in ("gates", "joint") and out.gates is not None:
-        feature_level = out.gates.dim() == 2
-        targets = region_targets(out, batch.gt_boxes, batch.gt_classes, feature_level, num_classes)
+        targets = region_targets(out, batch.gt_boxes, batch.gt_classes, num_classes, class_aware)
         loss_loc = localization_loss(out.gates, targets, out.image_index, len(batch.boxes))
-    loss = {"global": loss_cls, "regional": loss_cls, "gates": loss_loc}.get(stage, loss_cls + lam * loss_loc)
+    loss = {"global": loss_cls, "regional": loss_cls, "gates": loss_loc}.get(stage)
+    if loss is None:
+        loss = multitask_loss(loss_cls, loss_loc, lam)
     return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_loc": loss_loc.detach()}
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, stage: str,
+def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, stage: str,
                     num_classes: int, device: torch.device, lam_at: Callable[[int], float] = lambda step: 0.0,
-                    on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[int, dict], None] | None = None, class_aware: bool = False) -> dict[str, float]:
     """One pass over `loader` for `stage`.
 
     Args:
         model: a StageModel, possibly DDP-wrapped.
         lam_at: step index within this epoch -> lambda of eq. 9 (the joint stage's schedule).
         on_step: called after each step with (step, {"loss_cls", "loss_loc", "lambda"} floats).
+        class_aware: eq. 8's class-aware target for feature-level gates.
 
     Returns:
         the epoch's mean loss_cls, loss_loc, and the last lambda.
@@ -74,7 +85,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         batch = batch.to(device)
         lam = lam_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # AMP on GPUs
-            losses = stage_losses(model(batch), batch, stage, lam, num_classes)
+            losses = stage_losses(model(batch), batch, stage, lam, num_classes, class_aware)
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(f"{stage} stage step {step}: loss is {losses['loss'].item()}")
         optimizer.zero_grad(set_to_none=True)
@@ -90,7 +101,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
 
 @torch.no_grad()
-def predict(model: StageModel, loader: Iterable, device: torch.device):
+def collect_scores(model: StageModel, loader: Iterable[Batch], device: torch.device):
     """Scores on this process's part of a split.
 
     Returns:
@@ -100,9 +111,7 @@ def predict(model: StageModel, loader: Iterable, device: torch.device):
     scores, targets, ignore, ids = [], [], [], []
     for batch in loader:
         batch = batch.to(device)
-        out = model(batch)
-        logits = out if model.stage == "global" else out.logits
-        scores.append(torch.sigmoid(logits).float().cpu().numpy())
+        scores.append(torch.sigmoid(model(batch).logits).float().cpu().numpy())
         targets.append(batch.targets.cpu().numpy())
         ignore.append(batch.ignore.cpu().numpy())
         ids.extend(batch.ids)
@@ -114,7 +123,7 @@ def predict(model: StageModel, loader: Iterable, device: torch.device):
 def gather_predictions(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray, ids: list):
     """Concatenate every rank's predictions (all ranks get all of them), ordered by image id.
 
-    Metrics are computed on everything, never averaged over ranks or batches (STYLE.md, 6).
+    Metrics are computed on everything, never averaged over ranks or batches.
     """
     parts = [(scores, targets, ignore, ids)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from rgnn.checkpoint import check_classes
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
 from rgnn.data.records import LabeledSet
 from rgnn.data.voc import read_voc
-from rgnn.engine import StageModel, predict
-from rgnn.metrics import average_precision, multilabel_prf
+from rgnn.engine import collect_scores
+from rgnn.metrics import average_precision, mean_ap, multilabel_prf
 from rgnn.predict import Predictor
 from rgnn.proposals import EdgeBoxes
 from rgnn.tables import ap_table, to_csv, to_markdown
-from rgnn.training import check_classes
 
 RULES = {"voc07": "VOC 2007 11-point AP", "area": "AP = area under the precision-recall curve"}
 
@@ -70,11 +70,8 @@ def scores_on_records(predictors: list[Predictor], labeled: LabeledSet, batch_si
 def scores_on_shards(predictor: Predictor, split_dir: Path, batch_size: int = 8):
     """(scores float[N, C], targets float[N, C], ignore bool[N, C]) from shards (their stored
     proposals), as training's evaluation reads them."""
-    s = predictor.settings
-    loader = shards.shard_loader(split_dir, batch_size=batch_size, image_size=s["image_size"], max_size=s["max_size"],
-                                 max_regions=s["max_regions"],
-                                 global_size=s["global_size"] if predictor.stage == "global" else None, for_eval=True)
-    scores, targets, ignore, _ = predict(StageModel(predictor.model, predictor.stage), loader, predictor.device)
+    loader = shards.shard_loader(split_dir, predictor.preprocess, batch_size=batch_size, for_eval=True)
+    scores, targets, ignore, _ = collect_scores(predictor.net, loader, predictor.device)
     return scores, targets, ignore
 
 
@@ -84,7 +81,7 @@ def evaluate_table(results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     metrics = {}
     for name, (scores, targets, ignore) in results.items():
         ap = average_precision(scores, targets, mode=mode, ignore=ignore)
-        metrics[name] = {"ap": ap, "mAP": float(np.nanmean(ap)), **multilabel_prf(scores, targets, ignore=ignore)}
+        metrics[name] = {"ap": ap, "mAP": mean_ap(ap), **multilabel_prf(scores, targets, ignore=ignore)}
     return ap_table({n: m["ap"] for n, m in metrics.items()}, class_names), metrics
 
 

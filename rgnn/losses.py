@@ -1,7 +1,7 @@
 """Losses of section 3.3: balanced multi-label (eq. 6), localization (eqs. 7-8), multi-task (eq. 9).
 
 The model returns logits and gates; these functions turn them into the scalars each stage
-minimises (DESIGN.md's table). Half-precision inputs (autocast) are computed in float32.
+minimises (rgnn.schedule's table). Half-precision inputs (autocast) are computed in float32.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def localization_targets(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor | No
     Args:
         boxes: Tensor[T, 4] regions; gt_boxes: Tensor[G, 4] ground truth (x1, y1, x2, y2, same pixels).
         gt_labels: long Tensor[G] with `num_classes`: the class-aware vector form for feature-level
-            gates (DESIGN.md): r_jc = 1 where region j overlaps a ground-truth box of class c by IoU > theta.
+            gates (`region_targets`' option): r_jc = 1 where region j overlaps a ground-truth box of class c by IoU > theta.
         theta: the IoU threshold (strictly greater counts; the paper uses 0.5).
 
     Returns:
@@ -114,17 +114,20 @@ def multitask_loss(loss_cls: Tensor, loss_loc: Tensor, lam: float) -> Tensor:
     return loss_cls + lam * loss_loc
 
 
-def region_targets(out: RGNNOutput, gt_boxes: list[Tensor], gt_labels: list[Tensor], feature_level: bool,
-                   num_classes: int, theta: float = 0.5) -> Tensor:
+def region_targets(out: RGNNOutput, gt_boxes: list[Tensor], gt_labels: list[Tensor], num_classes: int,
+                   class_aware: bool = False, theta: float = 0.5) -> Tensor:
     """Eq. 8's targets r for every region of a batch, shaped like `out.gates`.
+
+    Eq. 8 writes the feature-level target as a bold 1 or 0: the region's own 0/1 target on every
+    dimension of its gate vector. That is the default. `class_aware` is our option for gates of
+    fc8 or its softmax (D = C): r_jc = 1 where region j overlaps a ground-truth box *of class c*,
+    which adds box-level class supervision the paper does not use.
 
     Args:
         out: the model's output (regions, their images, and the gates).
         gt_boxes: N x Tensor[G_i, 4] in the same resized pixels as the regions.
         gt_labels: N x long Tensor[G_i].
-        feature_level: the gates are Tensor[R, D]. When D == num_classes (pooled fc8 or softmax) the
-            target is class-aware (DESIGN.md); for pooled fc6/fc7 (D is a feature width, not a class)
-            it is the region's class-agnostic target repeated over the D dims.
+        class_aware: the per-class target above (feature-level gates with D = num_classes only).
 
     Returns:
         Tensor[R] (region-level) or Tensor[R, D] (feature-level).
@@ -134,11 +137,12 @@ def region_targets(out: RGNNOutput, gt_boxes: list[Tensor], gt_labels: list[Tens
         raise ValueError(f"got {N} gt box lists but {len(gt_labels)} label lists")
     if out.image_index.numel() and int(out.image_index.max()) >= N:
         raise ValueError(f"got {N} gt box lists for {int(out.image_index.max()) + 1} images")
-    class_aware = False
-    if feature_level:
-        if out.gates is None or out.gates.dim() != 2:
-            raise ValueError("feature_level targets need the feature-level gates Tensor[R, D] in out.gates")
-        class_aware = out.gates.shape[1] == num_classes
+    if out.gates is None:
+        raise ValueError("eq. 8's targets need the gates in out.gates")
+    feature_level = out.gates.dim() == 2
+    if class_aware and not (feature_level and out.gates.shape[1] == num_classes):
+        raise ValueError(f"the class-aware gate target needs feature-level gates with one dimension per class "
+                         f"({num_classes}), got gates of shape {tuple(out.gates.shape)}")
     dtype = out.boxes.dtype
     targets = out.boxes.new_zeros((len(out.boxes), num_classes) if class_aware else (len(out.boxes),), dtype=dtype)
     for i in range(N):
@@ -148,5 +152,5 @@ def region_targets(out: RGNNOutput, gt_boxes: list[Tensor], gt_labels: list[Tens
         else:
             targets[sel] = localization_targets(out.boxes[sel], gt_boxes[i], theta=theta)
     if feature_level and not class_aware:
-        return targets.unsqueeze(1).expand(-1, out.gates.shape[1])  # (R, D)
+        return targets.unsqueeze(1).expand(-1, out.gates.shape[1])  # (R, D): the bold 1 / 0 of eq. 8
     return targets

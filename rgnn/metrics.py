@@ -7,7 +7,7 @@ AP comes in two modes:
 - "voc07": the VOC 2007 11-point rule, the mean over t in {0, 0.1, ..., 1} of the best precision
   at recall >= t, on the same threshold-wise curve (so ties are handled the same way).
 
-Metrics are computed on the whole split at once, never averaged over batches (STYLE.md, 6).
+Metrics are computed on the whole split at once, never averaged over batches.
 """
 from __future__ import annotations
 
@@ -29,9 +29,16 @@ def _check(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray | None):
     return scores, targets > 0, ignore
 
 
-def _pr_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pr_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at each distinct score threshold, highest first (as sklearn's
-    `precision_recall_curve`); `positive` must hold at least one True."""
+    `precision_recall_curve`: equal scores are one threshold).
+
+    Args:
+        scores: ndarray[N]; positive: bool ndarray[N] with at least one True.
+
+    Returns:
+        (precision ndarray[K], recall ndarray[K]) for the K distinct scores.
+    """
     order = np.argsort(-scores, kind="mergesort")
     s, y = scores[order], positive[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each run of equal scores
@@ -63,7 +70,7 @@ def average_precision(scores, targets, mode: str = "area", ignore=None) -> np.nd
         y = positive[keep, c]
         if not y.any():
             continue
-        precision, recall = _pr_curve(scores[keep, c], y)
+        precision, recall = pr_curve(scores[keep, c], y)
         if mode == "area":
             ap[c] = np.sum(np.diff(recall, prepend=0.0) * precision)
         else:
@@ -71,9 +78,9 @@ def average_precision(scores, targets, mode: str = "area", ignore=None) -> np.nd
     return ap
 
 
-def mean_average_precision(scores, targets, mode: str = "area", ignore=None) -> float:
-    """The mean of `average_precision` over the classes that have a positive (NaN if none has)."""
-    ap = average_precision(scores, targets, mode, ignore)
+def mean_ap(ap: np.ndarray) -> float:
+    """mAP: the mean of per-class AP over the classes that have a positive (NaN, silently, if none has)."""
+    ap = np.asarray(ap, np.float64)
     ap = ap[~np.isnan(ap)]
     return float(ap.mean()) if ap.size else float("nan")
 
@@ -121,3 +128,46 @@ def _f1(p: float, r: float) -> float:
     if np.isnan(p) or np.isnan(r):
         return float("nan")
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (scikit-learn's `roc_auc_score`): the probability that a random
+    positive scores above a random negative, ties counting one half. NaN without both kinds.
+
+    Args:
+        scores: ndarray[N]; positive: bool ndarray[N].
+    """
+    scores, positive = np.asarray(scores, np.float64).ravel(), np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s))
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # first index of each run of equal scores
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends):
+        ranks[a:b] = (a + b + 1) / 2  # the mean 1-based rank of a tie
+    rank_sum = np.empty(len(s))
+    rank_sum[order] = ranks
+    return float((rank_sum[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def gate_quality(gates: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """How well gate values pick eq. 8's object regions (region IoU > 0.5 with a ground-truth box).
+
+    Args:
+        gates: ndarray[R], one value per region (feature-level gates: their mean over dimensions).
+        targets: ndarray[R] of 0/1, eq. 8's region target.
+
+    Returns:
+        {"gate_auc": ROC-AUC, "gate_ap": average precision (the area rule), "gate_mean_object",
+        "gate_mean_other": the mean gate on object and on other regions}; NaN where undefined.
+    """
+    gates, positive = np.asarray(gates, np.float64).ravel(), np.asarray(targets).ravel() > 0
+    if gates.shape != positive.shape:
+        raise ValueError(f"gates {gates.shape} and targets {positive.shape} must both be [R]")
+    ap = average_precision(gates[:, None], positive[:, None])[0] if len(gates) else float("nan")
+    mean = lambda m: float(gates[m].mean()) if m.any() else float("nan")  # noqa: E731
+    return {"gate_auc": roc_auc(gates, positive), "gate_ap": float(ap),
+            "gate_mean_object": mean(positive), "gate_mean_other": mean(~positive)}

@@ -8,13 +8,13 @@ pooled layer x_i (`pool_layer`, default softmax of fc8) -> gate a_i (section 3.1
 The paper calls the last layer "soft-max" but trains it with per-class binary cross-entropy
 (eq. 6): the logits go through a per-class sigmoid (in the loss and at prediction time).
 
-What `pool_layer` pools (Table 1's ablation, DESIGN.md). Cross-region max pooling gives an empty
+What `pool_layer` pools (Table 1's ablation, section 4.3). Cross-region max pooling gives an empty
 bin 0 and a closed gate scales a feature to 0, so both mean "no evidence" only for non-negative
 features. fc6 and fc7 follow a ReLU, softmax is positive; for `fc8` the pooled feature is
 max(fc8, 0): a raw logit that is negative would be *raised* towards 0 by a closing gate and beaten
 by an empty bin. The classifier of the global path (stage 1) uses the raw fc8 logits.
 
-The model returns logits and gate values; losses live in rgnn.losses (STYLE.md, 4).
+The model returns logits and gate values; losses live in rgnn.losses.
 """
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgnn.backbones import BACKBONES, build_backbone, xavier_linear
+from rgnn.boxes import box_area
 from rgnn.gates import FeatureGate, RegionGate, apply_gate
-from rgnn.pooling import SCALES, CrossRegionMaxPool, cross_region_max_pool
-
-__all__ = ["ModelConfig", "RGNN", "RGNNOutput", "CrossRegionMaxPool", "cross_region_max_pool",
-           "GATES", "POOL_LAYERS"]
+from rgnn.pooling import SCALES, CrossRegionMaxPool
 
 GATES = ("none", "region", "feature")
 POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")
+# the input statistics of torchvision's ImageNet backbones (and of ours, trained on that scale)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ModelConfig:
     """What an RGNN is; saved with every checkpoint (`dataclasses.asdict`).
 
     Attributes:
-        num_classes: C.
+        num_classes: C (None in a training config until the data is known).
         backbone: "vgg16" (the paper's), "resnet50" or "small" (CPU tests and the demo).
         gate: "none" (gates fixed at 1), "region" (eq. 2) or "feature" (eq. 4).
         scales: 5 area bins or 1 (section 3.2).
@@ -49,9 +50,11 @@ class ModelConfig:
         weights: None (random init), "imagenet" (torchvision's file in the local torch hub cache),
             or the path of a backbone state_dict (see rgnn.backbones).
         dropout: after fc6, fc7 and the classifier's hidden layer.
+        mean, std: the per-channel input normalisation the backbone's weights expect (images in
+            [0, 1]); they travel with the model so that prediction normalises as training did.
     """
 
-    num_classes: int
+    num_classes: int | None = None
     backbone: str = "small"
     gate: str = "region"
     scales: int = 5
@@ -59,6 +62,8 @@ class ModelConfig:
     hidden: int = 512
     weights: str | None = None
     dropout: float = 0.5
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -70,6 +75,10 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
         if not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"hidden={self.hidden!r}: expected an int >= 1")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v) or (name == "std" and min(v) <= 0):
+                raise ValueError(f"{name}={v!r}: expected three numbers (one per RGB channel{', > 0' if name == 'std' else ''})")
 
 
 @dataclass
@@ -92,10 +101,18 @@ class RGNNOutput:
     image_index: Tensor
     area_ratio: Tensor
 
+    @classmethod
+    def whole_images(cls, logits: Tensor, image_sizes: Tensor) -> "RGNNOutput":
+        """The global path's output (stage 1): one region per image, the whole image, no gate.
 
-def box_area(boxes: Tensor) -> Tensor:
-    """Tensor[R, 4] (x1, y1, x2, y2) -> Tensor[R]; degenerate boxes have area 0."""
-    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+        Args:
+            logits: Tensor[N, C]; image_sizes: long Tensor[N, 2], (h, w).
+        """
+        N = len(logits)
+        h, w = image_sizes.to(logits.device, torch.float32).unbind(1)  # (N,) each
+        zero = torch.zeros_like(h)
+        return cls(logits, None, torch.stack([zero, zero, w, h], 1), torch.arange(N, device=logits.device),
+                   torch.ones(N, device=logits.device))
 
 
 class RGNN(nn.Module):

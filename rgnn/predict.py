@@ -29,14 +29,13 @@ import torch
 from tqdm import tqdm
 
 from rgnn.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint, write_json
-from rgnn.data import shards
 from rgnn.data.images import decode_image
+from rgnn.data.transforms import PAPER_INPUT, InputConfig, Preprocess, pad_images
+from rgnn.engine import StageModel
 from rgnn.model import RGNN
 from rgnn.proposals import EdgeBoxes, ProposalParams
 
 TOP_REGIONS = 5
-# without a saved config: the paper's input (Fast R-CNN's shorter side 600, longer side <= 1000, T = 500)
-FALLBACK = {"image_size": 600, "max_size": 1000, "max_regions": 500, "global_size": 224}
 
 
 @dataclass
@@ -55,40 +54,41 @@ class Predictor:
     Args:
         stage: the schedule stage the model was last trained in (section 4.2): "global" feeds
             size-normalised whole images, "regional" holds the gates open, "gates"/"joint" gate.
-        settings: image_size (shorter side), max_size (longer-side cap), max_regions (T),
-            global_size (stage 1's square); missing ones take FALLBACK's.
+        inputs: the input of its training (shorter side, longer-side cap, T, stage 1's square).
         edge_model: the structured-edge model file of EdgeBoxes; None: gradient edges.
         device: default CUDA when available, else the CPU.
     """
 
-    def __init__(self, model: RGNN, class_names: list[str], stage: str, settings: dict,
+    def __init__(self, model: RGNN, class_names: list[str], stage: str, inputs: InputConfig,
                  edge_model: str | None = None, device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.stage = stage
-        self.settings = {k: v if settings.get(k) is None else settings[k] for k, v in FALLBACK.items()}
-        if self.settings["image_size"] < 1 or self.settings["max_regions"] < 0:
-            raise ValueError(f"image_size={self.settings['image_size']} must be >= 1 and "
-                             f"max_regions={self.settings['max_regions']} >= 0")
-        self.proposals = EdgeBoxes(ProposalParams(max_boxes=max(2 * self.settings["max_regions"], 1)), edge_model)
+        inputs.validate()
+        self.inputs = inputs
+        self.preprocess = Preprocess.for_stage(inputs, model.cfg, stage)
+        self.net = StageModel(self.model, stage)
+        self.proposals = EdgeBoxes(ProposalParams(max_boxes=inputs.stored_proposals), edge_model)
 
     @classmethod
     def load(cls, checkpoint: str | Path, edge_model: str | None = None, **overrides) -> "Predictor":
         """From a checkpoint (path or MLflow URI); `overrides` (image_size, max_regions, ...) win
-        over the config saved beside it."""
+        over the config saved beside it; without a saved config, the paper's input (PAPER_INPUT)."""
         file = resolve_checkpoint(checkpoint)
         model, payload = load_checkpoint(file)
         config = file.parent / CONFIG_FILE
         settings = json.loads(config.read_text()) if config.is_file() else {}
         settings.update({k: v for k, v in overrides.items() if v is not None})
+        inputs = InputConfig(**{f: settings.get(f) if settings.get(f) is not None else getattr(PAPER_INPUT, f)
+                                for f in ("image_size", "max_size", "global_size", "max_regions")})
         if edge_model is None and settings.get("edge_model"):  # the proposals of training
             edge_model = settings["edge_model"]
             if not Path(edge_model).is_file():
                 raise FileNotFoundError(f"structured-edge model file not found: {edge_model} (the model's "
                                         "training used it; pass --edge-model with its path here)")
         stage = payload.get("stage") or (payload.get("state") or {}).get("stage") or "joint"
-        return cls(model, payload["class_names"], stage, settings, edge_model)
+        return cls(model, payload["class_names"], stage, inputs, edge_model)
 
     def propose(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """EdgeBoxes proposals of one uint8 [H, W, 3] image: boxes float32[K, 4] in its pixels, scores
@@ -107,31 +107,22 @@ class Predictor:
             proposals: per image what `propose` returns (or a longer list from the same EdgeBoxes
                 settings: its best T are the same boxes); None: computed here.
         """
-        s = self.settings
         if proposals is None:
             proposals = [self.propose(image) for image in images]
         if len(proposals) != len(images):
             raise ValueError(f"{len(images)} images but {len(proposals)} proposal lists")
         if not images:
             return []
-        prepared = []
-        for image, (boxes, scores) in zip(images, proposals):
-            prepared.append(shards.prepare(image, boxes, scores, s["image_size"], s["max_size"], s["max_regions"],
-                                           s["global_size"] if self.stage == "global" else None))
-        batch, sizes = shards.pad_images([p[0] for p in prepared])  # (N, 3, H, W), (N, 2)
-        batch = batch.to(self.device)
-        if self.stage == "global":
-            logits = self.model.forward_global(batch)  # (N, C)
-            return [Prediction(torch.sigmoid(lg).float().cpu().numpy(), np.zeros((0, 4), np.float32), None)
-                    for lg in logits]
-        out = self.model(batch, sizes.to(self.device), [p[2].to(self.device) for p in prepared],
-                         open_gates=self.stage == "regional")
+        prepared = [self.preprocess(image, boxes, scores) for image, (boxes, scores) in zip(images, proposals)]
+        batch, sizes = pad_images([p.image for p in prepared])  # (N, 3, H, W), (N, 2)
+        out = self.net.run(batch.to(self.device), sizes.to(self.device), [p.boxes.to(self.device) for p in prepared])
         scores = torch.sigmoid(out.logits).float().cpu().numpy()  # (N, C)
         all_boxes, image_index = out.boxes.float().cpu().numpy(), out.image_index.cpu().numpy()  # (R, 4), (R,)
         all_gates = None if out.gates is None else out.gates.float().cpu().numpy()  # (R,) or (R, D)
         result = []
-        for i, (_, _, _, (sx, sy)) in enumerate(prepared):
+        for i, p in enumerate(prepared):
             sel = image_index == i
+            sx, sy = p.scale
             boxes = all_boxes[sel] / np.array([sx, sy, sx, sy], np.float32)  # (R_i, 4) original pixels
             result.append(Prediction(scores[i], boxes, None if all_gates is None else all_gates[sel]))
         return result
@@ -166,9 +157,13 @@ def _decoded(files: list[Path], skipped: list[dict]) -> Iterator[tuple[Path, np.
 
 
 def _top_regions(boxes: np.ndarray, gates: np.ndarray, top: int) -> list[dict]:
-    """The `top` regions of highest gate, best first: boxes float[R, 4], gates float[R]."""
-    return [{"box": [round(float(v), 1) for v in boxes[r]], "gate": round(float(gates[r]), 4)}
-            for r in np.argsort(-gates, kind="stable")[:top]]
+    """The `top` regions of highest gate, best first: boxes float[R, 4], gates float[R].
+
+    Ranked by the gate as reported (4 decimals), ties in proposal order: float noise below the
+    reported precision (another batch, another kernel) does not reorder the document."""
+    reported = np.round(gates.astype(np.float64), 4)
+    return [{"box": [round(float(v), 1) for v in boxes[r]], "gate": float(reported[r])}
+            for r in np.argsort(-reported, kind="stable")[:top]]
 
 
 def describe(p: Prediction, class_names: list[str], threshold: float, top: int = TOP_REGIONS) -> dict:

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from rgnn.boxes import box_iou
+
 # computeOrientation smooths with the forest's gradientNormalizationRadius, 4 in OpenCV's model.
 ORIENTATION_RADIUS = 4
 # edgesNms as edgeBoxes.m calls it on structured edges: radius 2, no border suppression, m = 1.
@@ -261,24 +263,6 @@ def edge_boxes(image: np.ndarray, params: ProposalParams = ProposalParams(),
                edge_model: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One-shot `EdgeBoxes(params, edge_model)(image)`: boxes float32[T, 4] x1 y1 x2 y2, scores float32[T]."""
     return EdgeBoxes(params, edge_model)(image)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of `a` with every box of `b`, x1 y1 x2 y2 in continuous pixel coordinates.
-
-    Args:
-        a: ndarray[A, 4]; b: ndarray[B, 4].
-
-    Returns:
-        float ndarray[A, B] (0 where a box has no area).
-    """
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (A, B, 2)
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])  # (A, B, 2)
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)  # (A, B)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter, dtype=np.float64), where=union > 0)
 
 
 def proposal_recall(proposals: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray],

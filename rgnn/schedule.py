@@ -16,7 +16,7 @@ hyper-parameter (tune/): constant, linear, cosine, step, exponential.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -40,7 +40,7 @@ def lambda_at(progress: float, family: str = "linear", start: float = 1.0, end: 
             decay with `rate` > 0 rescaled to reach `end` exactly.
     """
     if family not in LAMBDA_FAMILIES:
-        raise ValueError(f"family={family!r}: expected one of {LAMBDA_FAMILIES}")
+        raise ValueError(f"lambda_schedule family {family!r}: expected one of {LAMBDA_FAMILIES}")
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress={progress!r}: expected a value in [0, 1]")
     if family == "constant":
@@ -63,13 +63,16 @@ def lambda_at(progress: float, family: str = "linear", start: float = 1.0, end: 
 
 @dataclass
 class LambdaSchedule:
-    """A named lambda family with its parameters; `schedule(progress)` -> lambda (see `lambda_at`)."""
+    """A named lambda family with its parameters; `schedule(progress)` -> lambda (see `lambda_at`).
 
-    family: str = "linear"
-    start: float = 1.0
-    end: float = 0.0
-    rate: float = 5.0
-    steps: tuple[float, ...] = (0.5,)
+    `flat` names each field in flags, config files and MLflow params (rgnn.config).
+    """
+
+    family: str = field(default="linear", metadata={"flat": "lambda_schedule"})
+    start: float = field(default=1.0, metadata={"flat": "lambda_start"})
+    end: float = field(default=0.0, metadata={"flat": "lambda_end"})
+    rate: float = field(default=5.0, metadata={"flat": "lambda_rate"})
+    steps: tuple[float, ...] = field(default=(0.5,), metadata={"flat": "lambda_steps"})
 
     def __post_init__(self):
         self.steps = tuple(self.steps)

@@ -1,9 +1,13 @@
-"""MLflow at the edge: resolve and check the tracking store, one run per training, rank-0 logging."""
+"""MLflow at the edge: resolve and check the tracking store, one run per training, rank-0 logging,
+parent runs of a search or an ablation. The training engine never imports this module: its
+callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.training.Hooks."""
 from __future__ import annotations
 
 import os
 import subprocess
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -61,6 +65,31 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     return run_id
 
 
+@contextmanager
+def parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict, state: dict,
+               save: Callable[[], None]) -> Iterator["RunLogger"]:
+    """The parent run of a search or an ablation, whose children are its trials or rows.
+
+    Its id lives in `state["parent_run_id"]` (created here and `save()`d at once, so a resumed job
+    reopens the same run). The run ends FINISHED when the block does, KILLED on Ctrl+C or exit
+    (a resume reopens it), FAILED on an error: never left RUNNING.
+    """
+    if "parent_run_id" not in state:
+        state["parent_run_id"] = start_run(uri, experiment, name, params, {**tags, "git_commit": git_commit()})
+        save()
+    else:
+        start_run(uri, experiment, name, params, tags, state["parent_run_id"])
+    log = RunLogger(uri, state["parent_run_id"])
+    try:
+        yield log
+    except BaseException as e:
+        log.flush()
+        log.client.set_terminated(log.run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    log.flush()
+    log.client.set_terminated(log.run_id, "FINISHED")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -90,6 +119,23 @@ class RunLogger:
         while self._buffer:
             chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
             self.client.log_batch(self.run_id, metrics=chunk)
+
+    def step(self, global_step: int, values: dict[str, float]) -> None:
+        """Hooks.on_step: the step's losses, lambda and rate."""
+        self.metrics(values, global_step)
+
+    def epoch(self, state, metrics: dict, result: dict | None) -> None:
+        """Hooks.on_epoch: val/mAP, val/CF1, val/OF1 when evaluated; val/mAP/<stage> (and VOC 2007's
+        11-point mAP) and the stage_reached tag when a stage ends."""
+        if result is not None:
+            self.metrics({k: metrics[k] for k in ("val/mAP", "val/CF1", "val/OF1")}, state.global_step)
+        if metrics["epoch"] == metrics["epochs"]:
+            stage = metrics["stage"]
+            self.metric(f"val/mAP/{stage}", result["mAP"], state.global_step)
+            if "mAP_voc07" in result:
+                self.metric(f"val/mAP_voc07/{stage}", result["mAP_voc07"], state.global_step)
+            self.tag("stage_reached", stage)
+        self.flush()
 
     def tag(self, key: str, value) -> None:
         self.client.set_tag(self.run_id, key, str(value))

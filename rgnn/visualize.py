@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from rgnn.metrics import pr_curve
+
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
 
@@ -91,10 +93,7 @@ def pr_curves(scores: np.ndarray, targets: np.ndarray, class_names: list[str], p
         pos = targets[:, c] > 0
         if not pos.any():
             continue
-        order = np.argsort(-scores[:, c], kind="stable")
-        tp = np.cumsum(pos[order])
-        precision = tp / np.arange(1, len(order) + 1)
-        recall = tp / pos.sum()
+        precision, recall = pr_curve(scores[:, c], pos)
         label = name if ap is None else f"{name} ({ap[c]:.2f})"
         ax.plot(np.r_[0, recall], np.r_[1, precision], lw=1, label=label)
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall per class")

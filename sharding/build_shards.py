@@ -1,4 +1,4 @@
-"""EdgeBoxes proposals on a Ray actor pool, written as WebDataset shards (DESIGN.md, "Shards").
+"""EdgeBoxes proposals on a Ray actor pool, written as WebDataset shards.
 
     python sharding/build_shards.py --coco-root DIR --split train2017 --out SHARDS [options]
     python sharding/build_shards.py --voc-root DIR --voc-split trainval --out SHARDS [options]
@@ -50,23 +50,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+import cv2
+import numpy as np
+import ray
+from tqdm import tqdm
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from rgnn.data.images import decode_image  # noqa: E402
-from rgnn.data.records import ImageRecord, LabeledSet  # noqa: E402
-from rgnn.proposals import EdgeBoxes, ProposalParams  # noqa: E402
-from sharding.writer import remove_stale_temps, write_atomic, write_bytes_atomic  # noqa: E402
+from cluster.ray_setup import init_ray
+from rgnn.data.images import decode_image
+from rgnn.data.records import ImageRecord, LabeledSet
+from rgnn.proposals import EdgeBoxes, ProposalParams
+from sharding.writer import remove_stale_temps, write_atomic, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
-DEFAULT_SHARD_SIZE = 1 << 30  # about 1 GB (DESIGN.md)
+DEFAULT_SHARD_SIZE = 1 << 30  # about 1 GB: few files per split, each streamed whole
 SAMPLE_OVERHEAD = 4096  # json + 4 tar headers and padding, per sample (for the size estimate)
 MAX_ATTEMPTS = 3  # a shard whose actor dies this often is an error, not bad luck
 PROGRESS_EVERY_S = 0.5
@@ -143,7 +141,7 @@ def image_field(data: bytes, path: str) -> str:
 
 
 def make_sample(record: ImageRecord, proposer: Callable) -> dict:
-    """One shard sample (DESIGN.md, "Shards") for a record.
+    """One shard sample (format: rgnn.data.shards) for a record.
 
     Raises:
         FileNotFoundError / OSError: the image file cannot be read.
@@ -331,27 +329,6 @@ def _reader():
     from rgnn.data import shards  # noqa: PLC0415
 
     return shards
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool | None = None) -> None:
-    """Join `address`, else RAY_ADDRESS or a running local cluster, else start a local Ray
-    (a new local one, of `num_cpus` CPUs, when num_cpus is given).
-
-    A local Ray started here gets this checkout on its workers' PYTHONPATH so that they import
-    `sharding` (a submitted job ships it with --working-dir instead).
-
-    Raises:
-        ValueError: num_cpus with an address (the CPUs of a running cluster are not ours to set).
-    """
-    if ray.is_initialized():
-        return
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    if num_cpus is None:
-        ray.init(address=address, include_dashboard=include_dashboard)
-    elif address is None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard)
-    else:
-        raise ValueError(f"--num-cpus {num_cpus} applies to a new local Ray, not to --address {address}")
 
 
 def _run_inline(todo: list[ShardTask], manifest: _Manifest, params: ProposalParams, edge_model: str | None,

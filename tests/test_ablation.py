@@ -1,4 +1,4 @@
-"""rgnn.ablation on a tiny set: every row trained, logged under one parent run, the table written,
+"""cluster.ablation on a tiny set: every row trained, logged under one parent run, the table written,
 and a rerun that skips the finished rows."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rgnn.ablation import GLOBAL, ROWS, main
+from cluster.ablation import GLOBAL, ROWS, main
 from rgnn.data.coco import read_coco
 from rgnn.proposals import ProposalParams
 from sharding.build_shards import build_shards
@@ -26,7 +26,7 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     out = tmp_path / "table.md"
     args = ["--shards", str(shard_root), "--smoke-test", "--epochs", "1,1,1,1", "--max-regions", "8",
             "--image-size", "96", "--global-size", "64", "--batch-size", "12", "--out", str(out),
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--seeds", "1"]
     results = main(args)
     assert list(results) == [GLOBAL, *ROWS]
     text = out.read_text()
@@ -39,8 +39,9 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     parent = state["parent_run_id"]
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
-    assert {c.info.run_name for c in children} == {GLOBAL, *ROWS}
-    by_name = {c.info.run_name: c for c in children}
+    assert {c.data.tags["ablation_row"] for c in children} == {GLOBAL, *ROWS}
+    assert {c.info.run_name for c in children} == {f"{n} (seed 0)" for n in (GLOBAL, *ROWS)}
+    by_name = {c.data.tags["ablation_row"]: c for c in children}
     for name, r in results.items():
         assert by_name[name].data.metrics["val/mAP"] == pytest.approx(r["mAP"])
     assert by_name["regional, single scale"].data.params["scales"] == "1"

@@ -2,30 +2,30 @@ import json
 
 import pytest
 
-from rgnn.config import TrainConfig, load_file, parse_args, resolve
+from rgnn.config import TrainConfig, build_parser, load_file, parse_args, resolve
 
 
 def test_defaults_depend_on_data():
     syn, _ = parse_args([])
-    assert syn.dataset == "synthetic" and syn.backbone == "small"
+    assert syn.dataset == "synthetic" and syn.model.backbone == "small"
     coco, _ = parse_args(["--coco-root", "/data/coco"])
-    assert coco.backbone == "vgg16" and coco.epochs == [10, 10, 10, 20]  # the paper's, section 4.2
-    assert (coco.train_split, coco.val_split) == ("train2017", "val2017")
+    assert coco.model.backbone == "vgg16" and coco.schedule.epochs == [10, 10, 10, 20]  # the paper's, section 4.2
+    assert (coco.data.train_split, coco.data.val_split) == ("train2017", "val2017")
     voc, _ = parse_args(["--voc-root", "/data/VOC2007"])
-    assert (voc.train_split, voc.val_split) == ("trainval", "test")
+    assert (voc.data.train_split, voc.data.val_split) == ("trainval", "test")
 
 
 def test_file_then_flags_override(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("gate: feature\nlr: 0.001\nepochs: [1, 2, 3, 4]\n")
     cfg, summary = parse_args(["--config", str(f), "--lr", "0.01", "--summary", "s.json"])
-    assert (cfg.gate, cfg.lr, cfg.epochs, summary) == ("feature", 0.01, [1, 2, 3, 4], "s.json")
+    assert (cfg.model.gate, cfg.schedule.lr, cfg.schedule.epochs, summary) == ("feature", 0.01, [1, 2, 3, 4], "s.json")
 
 
 def test_saved_config_round_trips(tmp_path):
     cfg, _ = parse_args(["--gate", "none", "--epochs", "1,0,0,2"])
     f = tmp_path / "c.json"
-    f.write_text(json.dumps(cfg.to_dict()))
+    f.write_text(json.dumps(cfg.to_flat()))
     again, _ = parse_args(["--config", str(f)])
     assert again == cfg
 
@@ -48,11 +48,33 @@ def test_bad_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_file(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="lambda_schedule"):
-        resolve(TrainConfig(lambda_schedule="sawtooth"))
+        resolve(TrainConfig.from_flat(lambda_schedule="sawtooth"))
 
 
 def test_flat_params_are_strings():
     cfg, _ = parse_args(["--smoke-test"])
     flat = cfg.flat()
     assert all(isinstance(v, str) for v in flat.values())
-    assert json.loads(flat["epochs"]) == cfg.epochs
+    assert json.loads(flat["epochs"]) == cfg.schedule.epochs
+
+
+def test_flat_names_reach_their_sub_config():
+    cfg = TrainConfig.from_flat(gate="feature", lambda_schedule="cosine", max_regions=7, workers=3,
+                                tracking_uri="sqlite:///x.db", coco_root="/c")
+    assert (cfg.model.gate, cfg.schedule.lambdas.family, cfg.input.max_regions) == ("feature", "cosine", 7)
+    assert (cfg.cluster.workers, cfg.tracking.tracking_uri, cfg.dataset) == (3, "sqlite:///x.db", "coco")
+    assert TrainConfig.from_flat(cfg.to_flat()) == cfg
+    changed = cfg.copy(gate="none")
+    assert changed.model.gate == "none" and cfg.model.gate == "feature"  # a copy, not a view
+    with pytest.raises(ValueError, match="typo"):
+        TrainConfig.from_flat(typo=1)
+
+
+def test_flag_choices_come_from_the_library_tuples():
+    from rgnn.backbones import BACKBONES
+    from rgnn.model import GATES, POOL_LAYERS
+    from rgnn.schedule import LAMBDA_FAMILIES
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert actions["gate"].choices is GATES and actions["pool_layer"].choices is POOL_LAYERS
+    assert actions["backbone"].choices is BACKBONES and actions["lambda_schedule"].choices is LAMBDA_FAMILIES

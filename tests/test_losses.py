@@ -126,14 +126,21 @@ def fake_output(gates):
 def test_region_targets_for_a_batch():
     gt_boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[0.0, 0.0, 20.0, 19.0]])]
     gt_labels = [torch.tensor([2]), torch.tensor([1])]
-    region = region_targets(fake_output(torch.rand(5)), gt_boxes, gt_labels, False, 3)
+    region = region_targets(fake_output(torch.rand(5)), gt_boxes, gt_labels, 3)
     assert region.tolist() == [1, 0, 0, 1, 0]
-    aware = region_targets(fake_output(torch.rand(5, 3)), gt_boxes, gt_labels, True, 3)
+    aware = region_targets(fake_output(torch.rand(5, 3)), gt_boxes, gt_labels, 3, class_aware=True)
     assert aware.tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]]
-    # feature gates on fc6/fc7 (D is no class count): the class-agnostic target over every dim
-    wide = region_targets(fake_output(torch.rand(5, 7)), gt_boxes, gt_labels, True, 3)
-    assert wide.shape == (5, 7) and wide.tolist() == [[v] * 7 for v in [1, 0, 0, 1, 0]]
-    with pytest.raises(ValueError, match="feature"):
-        region_targets(fake_output(None), gt_boxes, gt_labels, True, 3)
+    # eq. 8's bold 1 / 0: by default a feature gate learns the region's target on every dimension,
+    # whether D is the class count (fc8, softmax) or a feature width (fc6/fc7)
+    for D in (3, 7):
+        plain = region_targets(fake_output(torch.rand(5, D)), gt_boxes, gt_labels, 3)
+        assert plain.shape == (5, D) and plain.tolist() == [[v] * D for v in [1, 0, 0, 1, 0]]
+    # the class-aware target is chosen by configuration, never by a shape coincidence
+    with pytest.raises(ValueError, match="one dimension per class"):
+        region_targets(fake_output(torch.rand(5, 7)), gt_boxes, gt_labels, 3, class_aware=True)
+    with pytest.raises(ValueError, match="one dimension per class"):
+        region_targets(fake_output(torch.rand(5)), gt_boxes, gt_labels, 3, class_aware=True)
+    with pytest.raises(ValueError, match="gates"):
+        region_targets(fake_output(None), gt_boxes, gt_labels, 3)
     with pytest.raises(ValueError, match="label lists"):
-        region_targets(fake_output(torch.rand(5)), gt_boxes, gt_labels[:1], False, 3)
+        region_targets(fake_output(torch.rand(5)), gt_boxes, gt_labels[:1], 3)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from rgnn.metrics import average_precision, mean_average_precision, multilabel_prf
+from rgnn.metrics import average_precision, gate_quality, mean_ap, multilabel_prf, roc_auc
 
 
 def random_set(seed, n=60, c=5, decimals=1):
@@ -60,8 +60,8 @@ def test_class_without_positives_is_nan_and_skipped_by_the_mean():
     targets[:, 2] = 0
     ap = average_precision(scores, targets)
     assert np.isnan(ap[2]) and not np.isnan(np.delete(ap, 2)).any()
-    assert mean_average_precision(scores, targets) == pytest.approx(np.delete(ap, 2).mean())
-    assert np.isnan(mean_average_precision(scores, np.zeros_like(targets)))
+    assert mean_ap(ap) == pytest.approx(np.delete(ap, 2).mean())
+    assert np.isnan(mean_ap(average_precision(scores, np.zeros_like(targets))))
 
 
 def test_ignore_mask_removes_entries_from_that_class_only():
@@ -132,3 +132,28 @@ def test_multilabel_prf_by_hand():
     assert m["CP"] == pytest.approx((1 + 0.5 + 0) / 3) and m["CR"] == pytest.approx((1 + 1 + 0) / 3)
     top1 = multilabel_prf(scores, targets, top_k=1)  # predicted: (0,0) (1,1)
     assert top1["OP"] == pytest.approx(1.0) and top1["OR"] == pytest.approx(2 / 3)
+
+
+def test_roc_auc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        scores = np.round(rng.uniform(size=200), 1)  # many ties
+        positive = rng.uniform(size=200) < 0.3
+        assert roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores))
+    assert np.isnan(roc_auc(np.ones(3), np.zeros(3, bool)))
+
+
+def test_gate_quality_against_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    targets = (rng.uniform(size=300) < 0.25).astype(np.float32)
+    gates = np.clip(0.3 * targets + rng.uniform(0, 0.8, 300), 0, 1)
+    q = gate_quality(gates, targets)
+    assert q["gate_auc"] == pytest.approx(roc_auc_score(targets, gates))
+    assert q["gate_ap"] == pytest.approx(average_precision_score(targets, gates))
+    assert q["gate_mean_object"] == pytest.approx(gates[targets > 0].mean())
+    assert q["gate_mean_other"] == pytest.approx(gates[targets == 0].mean())
+    assert gate_quality(1 - targets, targets)["gate_auc"] == 0.0  # gates on clutter only: the worst

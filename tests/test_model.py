@@ -9,7 +9,8 @@ import torchvision
 from rgnn.backbones import build_backbone
 from rgnn.gates import FeatureGate, RegionGate, apply_gate, feature_gate, region_gate
 from rgnn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, region_targets
-from rgnn.model import GATES, POOL_LAYERS, RGNN, CrossRegionMaxPool, ModelConfig, cross_region_max_pool
+from rgnn.model import GATES, POOL_LAYERS, RGNN, ModelConfig
+from rgnn.pooling import CrossRegionMaxPool, cross_region_max_pool
 from rgnn.pooling import area_bins
 from rgnn.schedule import STAGES, set_trainable
 
@@ -114,7 +115,7 @@ def stage_loss(model, stage, batch):
     loss_cls = balanced_multilabel_loss(out.logits, targets)
     if stage == "regional" or out.gates is None:
         return loss_cls
-    t = region_targets(out, gt_boxes, gt_labels, model.cfg.gate == "feature", C)
+    t = region_targets(out, gt_boxes, gt_labels, C)
     loss_loc = localization_loss(out.gates, t, out.image_index, len(boxes))
     return loss_loc if stage == "gates" else multitask_loss(loss_cls, loss_loc, 0.5)
 

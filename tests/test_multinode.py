@@ -7,7 +7,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from cluster.train_coco import train
+from cluster.driver import fit
 from rgnn.config import TrainConfig, resolve
 
 pytestmark = pytest.mark.ray
@@ -19,10 +19,10 @@ def test_two_workers_on_two_nodes(tmp_path, monkeypatch):
     cluster.wait_for_nodes()
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     try:
-        cfg = resolve(TrainConfig(smoke_test=True, epochs=[1, 1, 0, 1], workers=2, cpus_per_worker=1,
-                                  cache_dir=str(tmp_path / "cache"), storage=str(tmp_path / "runs"),
-                                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
-        summary = train(cfg)
+        cfg = resolve(TrainConfig.from_flat(smoke_test=True, epochs=[1, 1, 0, 1], workers=2, cpus_per_worker=1,
+                                            cache_dir=str(tmp_path / "cache"), storage=str(tmp_path / "runs"),
+                                            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+        summary = fit(cfg)
     finally:
         ray.shutdown()
         cluster.shutdown()

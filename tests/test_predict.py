@@ -22,7 +22,7 @@ from rgnn.metrics import average_precision, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
 from rgnn.predict import Prediction, Predictor, describe, main as predict_main
 from rgnn.proposals import ProposalParams
-from rgnn.training import evaluate, model_config, run_stages
+from rgnn.training import model_config, run_stages, validate
 from rgnn.visualize import class_gates, main as visualize_main
 from sharding.build_shards import build_shards
 
@@ -37,13 +37,13 @@ def trained(synthetic_root, tmp_path_factory):
     for split in ("train2017", "val2017"):
         build_shards(read_coco(synthetic_root, split), out / "shards", actors=0,
                      params=ProposalParams(max_boxes=24), progress=False)
-    cfg = resolve(TrainConfig(shards=str(out / "shards"), smoke_test=True, epochs=[1, 1, 1, 1], max_regions=12,
-                              image_size=96, global_size=64, batch_size=12))
+    cfg = resolve(TrainConfig.from_flat(shards=str(out / "shards"), smoke_test=True, epochs=[1, 1, 1, 1],
+                                        max_regions=12, image_size=96, global_size=64, batch_size=12))
     names = shards.class_names(out / "shards" / "train2017")
     torch.manual_seed(0)
     model = RGNN(model_config(cfg, len(names)))
     run_stages(cfg, model, names, out / "shards" / "train2017", out / "shards" / "val2017", torch.device("cpu"))
-    save_checkpoint(out / "ckpt", model, names, cfg.to_dict(), stage="joint")
+    save_checkpoint(out / "ckpt", model, names, cfg.to_flat(), stage="joint")
     return out
 
 
@@ -173,9 +173,9 @@ def test_evaluate_table_equals_the_metrics_module(trained, synthetic_root, tmp_p
     assert "area under the precision-recall curve" in md and md.count("\n|") == 3 and "OF1" in md
 
     # from the shards: the same numbers as training's own evaluation of the same model
-    cfg = TrainConfig(**json.loads((trained / "ckpt" / "config.json").read_text()))
+    cfg = TrainConfig.from_flat(json.loads((trained / "ckpt" / "config.json").read_text()))
     model, _ = load_checkpoint(ckpt)
-    expected = evaluate(model, "joint", trained / "shards" / "val2017", cfg)
+    expected = validate(model, "joint", trained / "shards" / "val2017", cfg.input, cfg.schedule.batch_size)
     from_shards = evaluate_main(["--checkpoint", ckpt, "--shards", str(trained / "shards"), "--batch-size", "12"])
     np.testing.assert_allclose(from_shards[ckpt]["ap"], expected["ap"], rtol=1e-6)
     assert from_shards[ckpt]["OF1"] == pytest.approx(expected["OF1"])

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from rgnn.proposals import (EdgeBoxes, ProposalParams, box_iou, compute_orientation, edge_boxes, edge_nms,
+from rgnn.boxes import box_iou
+from rgnn.proposals import (EdgeBoxes, ProposalParams, compute_orientation, edge_boxes, edge_nms,
                             gradient_edges, proposal_recall)
 
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 70, 230), (240, 220, 40), (250, 250, 250), (15, 15, 15)]

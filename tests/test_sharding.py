@@ -14,7 +14,8 @@ import ray
 from rgnn.data import shards  # noqa: E402
 from rgnn.data.coco import read_coco  # noqa: E402
 from rgnn.proposals import ProposalParams  # noqa: E402
-from sharding.build_shards import build_shards, init_ray, plan_shards  # noqa: E402
+from cluster.ray_setup import init_ray  # noqa: E402
+from sharding.build_shards import build_shards, plan_shards  # noqa: E402
 from test_shards import tar_samples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

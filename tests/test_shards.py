@@ -16,10 +16,19 @@ import torch
 from rgnn.data import shards  # noqa: E402
 from rgnn.data.coco import read_coco  # noqa: E402
 from rgnn.data.records import LabeledSet  # noqa: E402
+from rgnn.data.transforms import InputConfig, Preprocess  # noqa: E402
+from rgnn.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from rgnn.proposals import ProposalParams  # noqa: E402
 from sharding.build_shards import build_shards, plan_shards  # noqa: E402
 
 MAX_BOXES = 60
+
+
+def load(split_dir, *, image_size=224, max_size=None, max_regions=200, global_size=None, **kwargs):
+    """shards.shard_loader with the input given field by field."""
+    inputs = InputConfig(image_size, max_size, global_size, max_regions)
+    preprocess = Preprocess(inputs, IMAGENET_MEAN, IMAGENET_STD, whole_image=global_size is not None)
+    return shards.shard_loader(split_dir, preprocess, **kwargs)
 
 
 def tar_samples(path) -> dict[str, dict[str, bytes]]:
@@ -96,7 +105,7 @@ def test_batch_contents(built):
     split_dir, labeled = built
     by_id = {r.image_id: r for r in labeled.records}
     raw = {k: v for e in shards.read_manifest(split_dir)["shards"] for k, v in tar_samples(split_dir / e["name"]).items()}
-    batches = list(shards.shard_loader(split_dir, batch_size=4, image_size=64, max_size=80, max_regions=7,
+    batches = list(load(split_dir, batch_size=4, image_size=64, max_size=80, max_regions=7,
                                        for_eval=True))
     assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 3]
     b = batches[0]
@@ -129,7 +138,7 @@ def test_batch_contents(built):
 
 def test_global_stage_squares_without_regions(built):
     split_dir, _ = built
-    b = next(iter(shards.shard_loader(split_dir, batch_size=5, global_size=48, seed=3)))
+    b = next(iter(load(split_dir, batch_size=5, global_size=48, seed=3)))
     assert b.images.shape == (5, 3, 48, 48)
     assert b.image_sizes.tolist() == [[48, 48]] * 5
     assert all(x.shape == (0, 4) for x in b.boxes)
@@ -144,7 +153,7 @@ def test_difficult_boxes_set_ignore(tmp_path, synthetic_root):
     rec.difficult = rec.gt_classes == hard
     split_dir = build_shards(LabeledSet("voc/test", labeled.class_names, [rec], labeled.category_ids), tmp_path,
                              actors=0, params=ProposalParams(max_boxes=10), progress=False)
-    b = next(iter(shards.shard_loader(split_dir, batch_size=1, image_size=32, for_eval=True)))
+    b = next(iter(load(split_dir, batch_size=1, image_size=32, for_eval=True)))
     assert b.ignore[0].nonzero().flatten().tolist() == [hard]
     assert b.targets[0, hard] == 1
 
@@ -157,7 +166,7 @@ def test_ranks_get_equal_batch_counts(built, num_workers):
     assert steps == 23 // 2 // 3
     counts = []
     for rank in range(2):
-        loader = shards.shard_loader(split_dir, batch_size=3, image_size=32, max_regions=5, rank=rank,
+        loader = load(split_dir, batch_size=3, image_size=32, max_regions=5, rank=rank,
                                      world_size=2, num_workers=num_workers, seed=1, epoch=2)
         batches = list(loader)
         assert len(loader) == len(batches) == steps
@@ -172,7 +181,7 @@ def test_more_slots_than_shards_still_balanced(built):
     split_dir, _ = built
     steps = shards.steps_per_epoch(split_dir, batch_size=2, world_size=4)
     for rank in range(4):
-        loader = shards.shard_loader(split_dir, batch_size=2, image_size=16, max_regions=1, rank=rank,
+        loader = load(split_dir, batch_size=2, image_size=16, max_regions=1, rank=rank,
                                      world_size=4, num_workers=2, seed=0)
         assert len(list(loader)) == len(loader) == steps
 
@@ -182,7 +191,7 @@ def test_eval_covers_every_sample_once(built, num_workers):
     split_dir, labeled = built
     per_rank = []
     for rank in range(2):
-        loader = shards.shard_loader(split_dir, batch_size=4, image_size=32, max_regions=3, rank=rank,
+        loader = load(split_dir, batch_size=4, image_size=32, max_regions=3, rank=rank,
                                      world_size=2, num_workers=num_workers, for_eval=True)
         batches = list(loader)
         assert len(loader) == len(batches)
@@ -196,7 +205,7 @@ def test_shuffle_is_seeded_per_epoch(built):
     split_dir, _ = built
 
     def order(epoch):
-        return [i for b in shards.shard_loader(split_dir, batch_size=3, image_size=16, max_regions=1,
+        return [i for b in load(split_dir, batch_size=3, image_size=16, max_regions=1,
                                                seed=5, epoch=epoch) for i in b.ids]
 
     assert order(0) == order(0)
@@ -215,7 +224,7 @@ def test_missing_or_corrupt_shard_is_named(built, tmp_path):
     d = copy()
     (d / name).unlink()
     with pytest.raises(FileNotFoundError, match=name):
-        shards.shard_loader(d, batch_size=2)
+        load(d, batch_size=2)
     with pytest.raises(FileNotFoundError, match=name):
         shards.verify_shards(d)
 
@@ -223,7 +232,7 @@ def test_missing_or_corrupt_shard_is_named(built, tmp_path):
     data = (d / name).read_bytes()
     (d / name).write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=name):
-        shards.shard_loader(d, batch_size=2)
+        load(d, batch_size=2)
 
     d = copy()
     flipped = bytearray((d / name).read_bytes())
@@ -236,7 +245,7 @@ def test_missing_or_corrupt_shard_is_named(built, tmp_path):
     junk = bytes(len(data))  # right size, not a tar: the reader names the shard
     (d / name).write_bytes(junk)
     with pytest.raises(ValueError, match=name):
-        list(shards.shard_loader(d, batch_size=2, for_eval=True))
+        list(load(d, batch_size=2, for_eval=True))
 
 
 def test_manifest_errors_name_the_file(tmp_path, built):
@@ -254,7 +263,7 @@ def test_manifest_errors_name_the_file(tmp_path, built):
     with pytest.raises(ValueError, match="incomplete"):
         shards.verify_shards(d)
     with pytest.raises(ValueError, match="incomplete"):
-        shards.shard_loader(d, batch_size=2)
+        load(d, batch_size=2)
 
 
 def test_png_source_keeps_its_bytes(tmp_path, synthetic_root):
@@ -268,7 +277,7 @@ def test_png_source_keeps_its_bytes(tmp_path, synthetic_root):
                              tmp_path / "out", actors=0, params=ProposalParams(max_boxes=10), progress=False)
     (s,) = tar_samples(split_dir / "val2017-000000.tar").values()
     assert set(s) == {"png", "boxes.npy", "scores.npy", "json"} and s["png"] == png.read_bytes()
-    b = next(iter(shards.shard_loader(split_dir, batch_size=1, image_size=24, for_eval=True)))
+    b = next(iter(load(split_dir, batch_size=1, image_size=24, for_eval=True)))
     assert b.images.shape[1] == 3 and min(b.image_sizes[0].tolist()) == 24
 
 
@@ -277,7 +286,7 @@ def test_bad_arguments(built):
     for kwargs in ({"batch_size": 0}, {"batch_size": 2, "rank": 2, "world_size": 2},
                    {"batch_size": 2, "max_regions": -1}):
         with pytest.raises(ValueError):
-            shards.shard_loader(split_dir, **kwargs)
+            load(split_dir, **kwargs)
     with pytest.raises(ValueError):
         shards.steps_per_epoch(split_dir, batch_size=0, world_size=1)
     assert shards.class_names(split_dir) == shards.read_manifest(split_dir)["class_names"]

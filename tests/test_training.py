@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from cluster.data import prepare_shards
-from cluster.train_coco import train
+from cluster.driver import fit
 from rgnn.checkpoint import save_checkpoint
 from rgnn.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.model import RGNN, ModelConfig
 from rgnn.proposals import ProposalParams
-from rgnn.training import TrainState, model_config, run_stages
+from rgnn.training import Hooks, TrainState, model_config, run_stages
 from sharding.build_shards import build_shards
 
 
@@ -29,8 +29,8 @@ def shard_root(synthetic_root, tmp_path_factory):
 
 
 def tiny_cfg(shard_root, **kw) -> TrainConfig:
-    return resolve(TrainConfig(shards=str(shard_root), smoke_test=True, max_regions=8, image_size=96,
-                               global_size=64, batch_size=6, **kw))
+    return resolve(TrainConfig.from_flat(shards=str(shard_root), smoke_test=True, max_regions=8, image_size=96,
+                                         global_size=64, batch_size=6, **kw))
 
 
 def test_run_stages_reports_every_epoch_and_evaluates_each_stage(shard_root):
@@ -40,7 +40,7 @@ def test_run_stages_reports_every_epoch_and_evaluates_each_stage(shard_root):
     model = RGNN(model_config(cfg, len(names)))
     reports = []
     stage, result = run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017",
-                               torch.device("cpu"), report=lambda s, m: reports.append((s.stage, s.epoch, m)))
+                               torch.device("cpu"), hooks=Hooks(report=lambda s, m: reports.append((s.stage, s.epoch, m))))
     assert [(r[0], r[1]) for r in reports] == [("global", 1), ("regional", 1), ("gates", 1), ("joint", 1), ("joint", 2)]
     assert stage == "joint" and set(reports[-1][2]["maps"]) == {"global", "regional", "gates", "joint"}
     lams = [r[2]["train/lambda"] for r in reports]
@@ -56,8 +56,8 @@ def test_resume_continues_from_the_saved_state(shard_root):
     seen = []
     state = TrainState(stage="regional", epoch=1, global_step=7)
     run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017", torch.device("cpu"),
-               state=state, report=lambda s, m: seen.append((s.stage, s.epoch, s.global_step)))
-    steps = shards.steps_per_epoch(shard_root / "train2017", cfg.batch_size)
+               state=state, hooks=Hooks(report=lambda s, m: seen.append((s.stage, s.epoch, s.global_step))))
+    steps = shards.steps_per_epoch(shard_root / "train2017", cfg.schedule.batch_size)
     assert seen == [("regional", 2, 7 + steps)]  # only the epoch that was left
 
 
@@ -67,10 +67,10 @@ def test_missing_and_corrupt_shards_are_named(shard_root, tmp_path):
     victim = sorted((broken / "val2017").glob("*.tar"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(ValueError, match=victim.name):
-        prepare_shards(tiny_cfg(broken))
+        prepare_shards(tiny_cfg(broken).data, tiny_cfg(broken).input)
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=victim.name):
-        prepare_shards(tiny_cfg(broken))
+        prepare_shards(tiny_cfg(broken).data, tiny_cfg(broken).input)
 
 
 def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
@@ -80,4 +80,4 @@ def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
     cfg = tiny_cfg(shard_root, init_checkpoint=str(tmp_path / "ckpt"), start_stage="regional",
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="differ"):
-        train(cfg)
+        fit(cfg)

@@ -59,7 +59,7 @@ def test_smoke_search_logs_trials_and_a_usable_best_config(tmp_path, cache):
     assert best["lambda_schedule"] == top["params"]["lambda_schedule"]
     assert best["stage_lr"]["joint"] == pytest.approx(top["params"]["lr_joint"])
     cfg, _ = parse_args(["--config", str(out / "best_config.json")])  # training accepts it
-    assert (cfg.lambda_schedule, cfg.stage_lr) == (best["lambda_schedule"], best["stage_lr"])
+    assert (cfg.schedule.lambdas.family, cfg.schedule.stage_lr) == (best["lambda_schedule"], best["stage_lr"])
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, cache):
@@ -106,9 +106,9 @@ def test_a_finished_trial_started_again_replays_its_reports_without_training(tmp
     import ray
     from ray import tune
 
-    from cluster.train_coco import RUN_ID_FILE
+    from cluster.driver import RUN_ID_FILE
+    from cluster.ray_setup import init_ray
     from rgnn.tracking import start_run
-    from sharding.build_shards import init_ray
     from tune.search import replay_finished
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,6 +1,6 @@
 """Search lambda schedules and learning rates with Ray Tune: `python tune/search.py [flags]`.
 
-Every trial is a training run of cluster/train_coco.py's engine (Ray Train DDP inside the trial)
+Every trial is a training run of cluster/driver.py's `fit` (Ray Train DDP inside the trial)
 and a nested MLflow run under one parent run per search, so the MLflow UI's compare view lines
 trials up. ASHA stops weak trials early on `val/mAP`, reported after every epoch of the joint
 stage. When the space touches only stage-4 settings (the default: lr, lambda schedule family
@@ -12,23 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
-from mlflow.tracking import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-
-from cluster.data import prepare_shards  # noqa: E402
-from cluster.train_coco import mlflow_run_id, train  # noqa: E402
-from sharding.build_shards import init_ray  # noqa: E402
-from rgnn.config import TrainConfig, build_parser, load_file, resolve  # noqa: E402
-from rgnn.tracking import RunLogger, git_commit, resolve_tracking_uri, start_run  # noqa: E402
-from tune.plots import plot_trials  # noqa: E402
-from tune.space import apply, load_space, shares_stages, to_tune  # noqa: E402
+from cluster.data import prepare_shards
+from cluster.driver import fit, mlflow_run_id, resolve_storage
+from cluster.ray_setup import init_ray
+from rgnn.checkpoint import write_json
+from rgnn.config import TrainConfig, build_parser, config_from_args, resolve
+from rgnn.tracking import parent_run, resolve_tracking_uri
+from tune.plots import plot_trials
+from tune.space import apply, load_space, shares_stages, to_tune
 
 METRIC = "val/mAP"
 STATE_FILE = "search_state.json"
@@ -56,22 +54,21 @@ def build_search_parser() -> argparse.ArgumentParser:
 def run_trial(params: dict, base: dict, shard_dirs: tuple[str, str], parent_run_id: str,
               init_checkpoint: str | None, storage: str) -> None:
     """One Tune trial: one training run reporting to Tune every epoch."""
-    cfg = apply(TrainConfig(**base), params)
     trial_id = tune.get_context().get_trial_id()
-    cfg.name, cfg.storage, cfg.eval_every_epoch = f"trial-{trial_id}", storage, True
-    if replay_finished(Path(storage) / cfg.name, base["tracking_uri"]):
+    cfg = apply(TrainConfig.from_flat(base, name=f"trial-{trial_id}", storage=storage, eval_every_epoch=True), params)
+    if replay_finished(Path(storage) / cfg.cluster.name, base["tracking_uri"]):
         return
     if init_checkpoint:
-        cfg.start_stage, cfg.init_checkpoint = "joint", init_checkpoint
-    train(resolve(cfg), callbacks=[TuneReportCallback()], shard_dirs=tuple(Path(d) for d in shard_dirs),
-          parent_run_id=parent_run_id, label=f"trial {trial_id}")
+        cfg.cluster.start_stage, cfg.cluster.init_checkpoint = "joint", init_checkpoint
+    fit(resolve(cfg), shard_dirs=tuple(Path(d) for d in shard_dirs), callbacks=[TuneReportCallback()],
+        parent=parent_run_id, label=f"trial {trial_id}")
 
 
 def replay_finished(run_dir: Path, tracking_uri: str) -> bool:
     """Report again, without training, the epochs of a trial whose training already finished.
 
     A trial that finished just before a Ctrl+C can be missing from the state Tune saved, and
-    `--resume` then starts it again; train() marks its MLflow run FINISHED only when every epoch
+    `--resume` then starts it again; fit() marks its MLflow run FINISHED only when every epoch
     ran, so that run's val mAP history (one point per epoch, eval_every_epoch) is the trial's reports.
     """
     run_id = mlflow_run_id(run_dir)
@@ -102,71 +99,63 @@ def main(argv: list[str] | None = None) -> dict:
     opts = {k: args.pop(k, None) for k in search_keys}  # the parser suppresses unset flags
     args.pop("summary", None)
     resume = args.pop("resume", False)  # here: restore the search, not one training run
-    values = load_file(args.pop("config")) if "config" in args else {}
-    values.update(args)
-    base = TrainConfig(**values)
+    base = config_from_args(args)
     opts["trials"] = opts["trials"] or (4 if base.smoke_test else 8)
     base = resolve(base)
-    base.tracking_uri = resolve_tracking_uri(base.tracking_uri)
+    base.tracking.tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
     space = load_space(opts["space"])
     share = shares_stages(space) and not opts["no_share_stages"]
     out = Path(opts["out"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = str(Path(base.storage).expanduser().resolve()) if "://" not in base.storage else base.storage
+    storage = resolve_storage(base.cluster.storage)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if resume and not state:
         raise SystemExit(f"--resume: no search to resume in {out}")
 
     init_ray()
-    shard_dirs = tuple(str(d) for d in prepare_shards(base))
-    if "parent_run_id" not in state:
-        state["parent_run_id"] = start_run(
-            base.tracking_uri, base.experiment, f"search {out.name}",
-            {**base.flat(), "search": opts["search"], "trials": str(opts["trials"]), "space": json.dumps(space),
-             "share_stages": str(share)},
-            {"kind": "search", "git_commit": git_commit(), "dataset": base.dataset})
-        state_file.write_text(json.dumps(state))
-    parent = state["parent_run_id"]
+    shard_dirs = tuple(str(d) for d in prepare_shards(base.data, base.input, base.schedule.seed))
+    params = {**base.flat(), "search": opts["search"], "trials": str(opts["trials"]), "space": json.dumps(space),
+              "share_stages": str(share)}
+    with parent_run(base.tracking.tracking_uri, base.tracking.experiment, f"search {out.name}", params,
+                    {"kind": "search", "dataset": base.dataset}, state, lambda: write_json(state_file, state)) as log:
+        init_checkpoint = None
+        if share:  # stages 1-3 once; their checkpoint starts every trial's stage 4
+            if "shared_checkpoint" not in state:
+                shared = resolve(base.copy(epochs=base.schedule.epochs[:3] + [0], name=f"{out.name}-stages-1-3"))
+                summary = fit(shared, shard_dirs=tuple(Path(d) for d in shard_dirs), parent=log.run_id,
+                              label="stages 1-3 (shared)")
+                state["shared_checkpoint"] = summary["checkpoint"]
+                write_json(state_file, state)
+            init_checkpoint = state["shared_checkpoint"]
 
-    init_checkpoint = None
-    if share:  # stages 1-3 once; their checkpoint starts every trial's stage 4
-        if "shared_checkpoint" not in state:
-            shared = resolve(TrainConfig(**{**base.to_dict(), "epochs": base.epochs[:3] + [0],
-                                            "name": f"{out.name}-stages-1-3"}))
-            summary = train(shared, shard_dirs=tuple(Path(d) for d in shard_dirs),
-                            parent_run_id=parent, label="stages 1-3 (shared)")
-            state["shared_checkpoint"] = summary["checkpoint"]
-            state_file.write_text(json.dumps(state))
-        init_checkpoint = state["shared_checkpoint"]
-
-    trainable = tune.with_parameters(run_trial, base=base.to_dict(), shard_dirs=shard_dirs, parent_run_id=parent,
-                                     init_checkpoint=init_checkpoint, storage=str(Path(storage) / "trials"))
-    # The trial's driver function only waits on its TorchTrainer, whose DDP workers reserve the
-    # CPUs/GPUs; Tune refuses an empty request, so the driver takes a token share of a CPU.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    # a trial reports once per epoch; ASHA's horizon lies past the last report so that a trial
-    # that is not stopped early ends by itself (and closes its MLflow run as FINISHED)
-    reports = base.epochs[3] if share else sum(base.epochs)
-    tune_dir = out / "ray_tune"
-    param_space = to_tune(space, opts["search"])
-    expected = opts["trials"] * math.prod(len(v["grid_search"]) for v in param_space.values()
-                                          if isinstance(v, dict) and "grid_search" in v)
-    if resume and tune.Tuner.can_restore(str(tune_dir / "search")):
-        tuner = tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=opts["trials"], max_concurrent_trials=opts["max_concurrent"],
-                search_alg=_searcher(opts["search"]),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=1,
-                                        reduction_factor=2)),
-            run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
-    grid = tuner.fit()
-    if len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state
-        raise SystemExit(f"search interrupted; continue it with the same command and --resume (state in {out})")
-    return finish(grid, base, space, out, parent)
+        trainable = tune.with_parameters(run_trial, base=base.to_flat(), shard_dirs=shard_dirs, parent_run_id=log.run_id,
+                                         init_checkpoint=init_checkpoint, storage=str(Path(storage) / "trials"))
+        # The trial's driver function only waits on its TorchTrainer, whose DDP workers reserve the
+        # CPUs/GPUs; Tune refuses an empty request, so the driver takes a token share of a CPU.
+        trainable = tune.with_resources(trainable, {"CPU": 0.01})
+        # a trial reports once per epoch; ASHA's horizon lies past the last report so that a trial
+        # that is not stopped early ends by itself (and closes its MLflow run as FINISHED)
+        reports = base.schedule.epochs[3] if share else sum(base.schedule.epochs)
+        tune_dir = out / "ray_tune"
+        param_space = to_tune(space, opts["search"])
+        expected = opts["trials"] * math.prod(len(v["grid_search"]) for v in param_space.values()
+                                              if isinstance(v, dict) and "grid_search" in v)
+        if resume and tune.Tuner.can_restore(str(tune_dir / "search")):
+            tuner = tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode="max", num_samples=opts["trials"], max_concurrent_trials=opts["max_concurrent"],
+                    search_alg=_searcher(opts["search"]),
+                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=1,
+                                            reduction_factor=2)),
+                run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
+        grid = tuner.fit()
+        if len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state
+            raise SystemExit(f"search interrupted; continue it with the same command and --resume (state in {out})")
+        return finish(grid, base, space, out, log)
 
 
 def _close_trial_runs(client, grid, parent: str) -> None:
@@ -182,8 +171,8 @@ def _close_trial_runs(client, grid, parent: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict:
-    """best_config.json, the mAP vs lr / lambda schedule plot, both on the parent run."""
+def finish(grid, base: TrainConfig, space: dict, out: Path, log) -> dict:
+    """best_config.json, the mAP vs lr / lambda schedule plot, both on the parent run (`log`)."""
     rows = []
     for r in grid:
         if r.metrics and METRIC in r.metrics:
@@ -192,23 +181,21 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, parent: str) -> dict
     if not rows:
         raise SystemExit(f"no trial reported {METRIC}; see the errors above and in {out / 'ray_tune'}")
     best = max(rows, key=lambda r: r["val_map"])
-    best_cfg = apply(TrainConfig(**base.to_dict()), best["params"]).to_dict()
+    best_cfg = apply(base.copy(), best["params"]).to_flat()
     for k in RUNTIME_FIELDS:
         best_cfg.pop(k)
-    (out / "best_config.json").write_text(json.dumps(best_cfg, indent=2))
-    (out / "trials.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "best_config.json", best_cfg)
+    write_json(out / "trials.json", rows)
     plot_trials(rows, out / "map_vs_lr.png")
-    log = RunLogger(base.tracking_uri, parent)
-    _close_trial_runs(log.client, grid, parent)
+    _close_trial_runs(log.client, grid, log.run_id)
     for name in ("best_config.json", "trials.json", "map_vs_lr.png"):
         log.artifact(out / name)
     log.metric("best/val_mAP", best["val_map"], 0)
-    log.flush()
-    log.client.set_terminated(parent, "FINISHED")
     print(f"\n{len(rows)} trials; best val mAP {best['val_map']:.4f} with {best['params']}")
     print(f"best config: {out / 'best_config.json'}  (python cluster/train_coco.py --config {out / 'best_config.json'})")
-    print(f"MLflow parent run {parent} at {base.tracking_uri}: mlflow ui --backend-store-uri {base.tracking_uri}")
-    return {"parent_run_id": parent, "best": best, "trials": rows}
+    print(f"MLflow parent run {log.run_id} at {base.tracking.tracking_uri}: "
+          f"mlflow ui --backend-store-uri {base.tracking.tracking_uri}")
+    return {"parent_run_id": log.run_id, "best": best, "trials": rows}
 
 
 if __name__ == "__main__":

@@ -1,24 +1,23 @@
-"""The search space: TrainConfig fields -> distributions, as data (JSON/YAML) turned into Ray Tune's.
+"""The search space: TrainConfig settings -> distributions, as data (JSON/YAML) turned into Ray Tune's.
 
-A space file maps a TrainConfig field (or `lr_<stage>` for one stage's learning rate) to one of
+A space file maps a setting by its flat name (as in config files), or `lr_<stage>` for one stage's learning rate) to one of
     {"loguniform": [low, high]}, {"uniform": [low, high]}, {"choice": [a, b, ...]},
     {"grid": [a, b, ...]}, or a plain value (held fixed).
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
 from ray import tune
 
-from rgnn.config import TrainConfig
-from rgnn.schedule import STAGES
+from rgnn.config import FLAT_NAMES, TrainConfig
+from rgnn.schedule import LAMBDA_FAMILIES, STAGES
 
 # Section 4.2 fixes lambda going "slowly" from 1 to 0 and one learning rate; these are the open choices.
 DEFAULT_SPACE = {
     "lr_joint": {"loguniform": [1e-5, 3e-3]},
-    "lambda_schedule": {"choice": ["constant", "linear", "cosine", "step", "exponential"]},
+    "lambda_schedule": {"choice": list(LAMBDA_FAMILIES)},
     "lambda_start": {"uniform": [0.5, 2.0]},
     "lambda_rate": {"uniform": [2.0, 8.0]},
 }
@@ -43,7 +42,7 @@ def load_space(path: str | Path | None) -> dict:
 
 
 def check_space(space: dict, where: str = "search space") -> None:
-    known = {f.name for f in fields(TrainConfig)} | {f"lr_{s}" for s in STAGES}
+    known = set(FLAT_NAMES) | {f"lr_{s}" for s in STAGES}
     for key, spec in space.items():
         if key not in known:
             raise ValueError(f"{where}: unknown setting {key!r}")
@@ -77,9 +76,9 @@ def apply(cfg: TrainConfig, params: dict) -> TrainConfig:
     """Set a trial's sampled values on a TrainConfig (`lr_<stage>` goes into stage_lr)."""
     for key, value in params.items():
         if key.startswith("lr_"):
-            cfg.stage_lr = {**cfg.stage_lr, key[3:]: float(value)}
+            cfg.schedule.stage_lr = {**cfg.schedule.stage_lr, key[3:]: float(value)}
         else:
-            setattr(cfg, key, value)
+            cfg.set(key, value)
     return cfg
 
 

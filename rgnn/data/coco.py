@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-from rgnn.data.boxes import as_arrays, clip_box
-from rgnn.data.records import ImageRecord, LabeledSet
+from rgnn.boxes import clip_box
+from rgnn.data.records import ImageRecord, LabeledSet, as_arrays
 
 log = logging.getLogger(__name__)
 

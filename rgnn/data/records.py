@@ -68,3 +68,9 @@ class LabeledSet:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def as_arrays(boxes: list[list[float]], classes: list[int], difficult: list[bool]):
+    """A reader's lists -> (float32[G, 4], int64[G], bool[G]) for an ImageRecord."""
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64),
+            np.asarray(difficult, bool))

@@ -1,6 +1,6 @@
 """The training input pipeline: the WebDataset shards of sharding/build_shards.py -> `Batch`.
 
-Shard format (DESIGN.md, "Shards"): one sample per image, key = the image id, fields
+Shard format: one sample per image, key = the image id, fields
 - `jpg` (JPEG sources) or `png` (PNG sources): the original file's bytes, never re-encoded; any
   other source format keeps its own extension. The reader decodes whichever image field is there;
 - `boxes.npy`: float32 (T, 4) EdgeBoxes proposals x1 y1 x2 y2 in original pixels, by score desc;
@@ -9,7 +9,7 @@ Shard format (DESIGN.md, "Shards"): one sample per image, key = the image id, fi
   "difficult": [bool per gt box]}.
 `<split>/manifest.json` lists the shards with sample counts, sizes and sha256 checksums.
 
-Reading (DESIGN.md, "Training data flow"):
+Reading:
 - training: the shard list is shuffled per epoch (seed + epoch), split by world rank, then by
   DataLoader worker; when there are fewer shards than rank x worker slots each shard is cut into
   interleaved parts by sample index so that every slot still gets data. Samples pass a shuffle
@@ -18,10 +18,8 @@ Reading (DESIGN.md, "Training data flow"):
 - evaluation (`for_eval=True`): every sample exactly once across ranks (sample i goes to rank
   i % world_size), manifest order, no shuffling; the last batch of a rank (or of a DataLoader
   worker) may be short.
-Images are resized to shorter side `image_size` with the longer side capped at `max_size` (default
-2 x image_size), or for the size-normalised global stage (stage 1, section 4.2) squashed to a
-`global_size` square with no regions. Proposals and ground-truth boxes are scaled with the image.
-The model adds the whole-image region itself, so `Batch.boxes` holds proposals only.
+Each decoded sample goes through a `rgnn.data.transforms.Preprocess` (resize, top-T proposals,
+normalisation) shared with prediction; this module only stores, checks and splits.
 
 No Ray here: this module runs in any PyTorch process.
 """
@@ -38,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import cv2
 import fsspec
 import numpy as np
 import torch
@@ -46,13 +43,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from rgnn.boxes import scale_boxes
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord
+from rgnn.data.transforms import Batch, Preprocess, collate
 
 MANIFEST = "manifest.json"
-# ImageNet statistics of torchvision's pretrained backbones.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 META_FIELDS = ("json", "boxes.npy", "scores.npy")
 SHUFFLE_BUFFER = 256  # raw samples (encoded image + proposals, ~100 KB each) per DataLoader worker
 
@@ -159,46 +155,7 @@ def _steps(total: int, batch_size: int, world_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# One sample: decode, resize, scale boxes
-
-
-def resize_image(image: np.ndarray, image_size: int, max_size: int | None = None,
-                 global_size: int | None = None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Resize for the network (section 4.2: free-sized images for stages 2-4, size-normalised for stage 1).
-
-    Args:
-        image: uint8 ndarray[H, W, 3].
-        image_size: target shorter side S.
-        max_size: cap on the longer side (default 2 x S); wins over S for very elongated images.
-        global_size: if set, squash to a global_size x global_size square instead.
-
-    Returns:
-        (uint8 ndarray[H', W', 3], (sx, sy)): multiply x coordinates by sx, y by sy.
-    """
-    h, w = image.shape[:2]
-    if global_size is not None:
-        nh = nw = global_size
-    else:
-        max_size = max_size or 2 * image_size
-        s = min(image_size / min(h, w), max_size / max(h, w))
-        nh, nw = max(round(h * s), 1), max(round(w * s), 1)
-    interp = cv2.INTER_AREA if nh * nw < h * w else cv2.INTER_LINEAR
-    out = cv2.resize(image, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else image
-    return out, (nw / w, nh / h)
-
-
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """uint8 ndarray[H, W, 3] RGB -> float Tensor[3, H, W] standardised with ImageNet MEAN/STD."""
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)  # (3, H, W)
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-
-
-def _scale_boxes(boxes: np.ndarray, sx: float, sy: float, w: int, h: int) -> torch.Tensor:
-    """float ndarray[K, 4] x1 y1 x2 y2 -> Tensor[K, 4] scaled and clipped to a w x h image."""
-    b = torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)) * torch.tensor([sx, sy, sx, sy])
-    b[:, 0::2].clamp_(0, w)
-    b[:, 1::2].clamp_(0, h)
-    return b
+# One sample: decode, then the shared Preprocess
 
 
 def _decode_sample(sample: dict, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, ImageRecord]:
@@ -226,99 +183,23 @@ def _decode_sample(sample: dict, where: str) -> tuple[np.ndarray, np.ndarray, np
 
 
 @dataclass(frozen=True)
-class _Transform:
+class SampleTransform:
+    """Raw shard sample -> the prepared dict `collate` batches (image, proposals, labels, gt boxes)."""
+
     num_classes: int
-    image_size: int
-    max_size: int | None
-    max_regions: int
-    global_size: int | None
+    preprocess: Preprocess
 
     def __call__(self, sample: dict, where: str) -> dict:
         image, boxes, scores, rec = _decode_sample(sample, where)
-        x, (h, w), boxes, (sx, sy) = prepare(image, boxes, scores, self.image_size, self.max_size,
-                                             self.max_regions, self.global_size)
+        p = self.preprocess(image, boxes, scores)
+        (h, w), (sx, sy) = p.size, p.scale
         return {
-            "image": x, "boxes": boxes,
+            "image": p.image, "boxes": p.boxes,
             "target": torch.from_numpy(rec.target(self.num_classes)),
             "ignore": torch.from_numpy(rec.difficult_only(self.num_classes)),
-            "gt_boxes": _scale_boxes(rec.gt_boxes, sx, sy, w, h),
+            "gt_boxes": scale_boxes(rec.gt_boxes, sx, sy, w, h),
             "gt_classes": torch.from_numpy(rec.gt_classes), "id": rec.image_id,
         }
-
-
-def prepare(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, image_size: int, max_size: int | None,
-            max_regions: int, global_size: int | None = None):
-    """One image and its proposals -> the network's input (what training, evaluation and prediction share).
-
-    Args:
-        image: uint8 ndarray[H, W, 3]; boxes: float ndarray[T, 4] in its pixels; scores: ndarray[T].
-        global_size: stage 1's size-normalised square input, no regions.
-
-    Returns:
-        (float Tensor[3, h, w] normalised, (h, w), Tensor[K, 4] the top-K <= max_regions proposals by
-        score in the resized pixels, (sx, sy) the scale from original to resized pixels).
-    """
-    out, (sx, sy) = resize_image(image, image_size, max_size, global_size)
-    h, w = out.shape[:2]
-    if global_size is not None:  # stage 1: whole images only
-        boxes = boxes[:0]
-    else:
-        boxes = boxes[np.argsort(-scores, kind="stable")[:max_regions]]
-    return normalize(out), (h, w), _scale_boxes(boxes, sx, sy, w, h), (sx, sy)
-
-
-def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """N x Tensor[3, h_i, w_i] -> (Tensor[N, 3, H, W] zero-padded at the bottom and right, long Tensor[N, 2] sizes)."""
-    sizes = torch.tensor([tuple(x.shape[1:]) for x in images], dtype=torch.long)  # (N, 2)
-    H, W = sizes.max(0).values.tolist()
-    batch = images[0].new_zeros(len(images), 3, H, W)
-    for i, x in enumerate(images):
-        batch[i, :, :x.shape[1], :x.shape[2]] = x
-    return batch, sizes
-
-
-@dataclass
-class Batch:
-    """N images of different sizes, zero-padded into one tensor, with per-image box lists.
-
-    Attributes:
-        images: float Tensor[N, 3, H, W], ImageNet-normalised, zero-padded to the batch's largest size.
-        image_sizes: long Tensor[N, 2], (h, w) of each resized image before padding.
-        boxes: N x float Tensor[T_i, 4], the top-T proposals, x1 y1 x2 y2 in resized pixels
-            (empty for the global stage; the model appends the whole image).
-        targets: float Tensor[N, C], the 0/1 labels y of eq. 6.
-        ignore: bool Tensor[N, C], classes whose boxes are all VOC-difficult (evaluation skips them).
-        gt_boxes: N x float Tensor[G_i, 4], ground-truth boxes in resized pixels (eq. 8's IoU).
-        gt_classes: N x long Tensor[G_i].
-        ids: the N image ids.
-    """
-
-    images: torch.Tensor
-    image_sizes: torch.Tensor
-    boxes: list[torch.Tensor]
-    targets: torch.Tensor
-    ignore: torch.Tensor
-    gt_boxes: list[torch.Tensor]
-    gt_classes: list[torch.Tensor]
-    ids: list
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.images.to(device), self.image_sizes.to(device),
-                     [b.to(device) for b in self.boxes], self.targets.to(device), self.ignore.to(device),
-                     [b.to(device) for b in self.gt_boxes], [c.to(device) for c in self.gt_classes],
-                     list(self.ids))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def collate(samples: list[dict]) -> Batch:
-    """Prepared samples -> one Batch, images zero-padded at the bottom and right."""
-    images, sizes = pad_images([s["image"] for s in samples])
-    return Batch(images, sizes, [s["boxes"] for s in samples],
-                 torch.stack([s["target"] for s in samples]), torch.stack([s["ignore"] for s in samples]),
-                 [s["gt_boxes"] for s in samples], [s["gt_classes"] for s in samples],
-                 [s["id"] for s in samples])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +248,7 @@ def _read_part(part: _Part) -> Iterator[dict]:
 class ShardDataset(IterableDataset):
     """One rank's view of a split: yields `Batch`es (see the module docstring for the splitting)."""
 
-    def __init__(self, split_dir: str | Path, *, batch_size: int, transform: _Transform, rank: int,
+    def __init__(self, split_dir: str | Path, *, batch_size: int, transform: SampleTransform, rank: int,
                  world_size: int, num_workers: int, shuffle: bool, seed: int, epoch: int, for_eval: bool,
                  shuffle_buffer: int = SHUFFLE_BUFFER):
         manifest = _readable_manifest(split_dir)
@@ -451,19 +332,15 @@ class ShardDataset(IterableDataset):
         yield from self._batches(self._prepared(raw), quota)
 
 
-def shard_loader(split_dir: str | Path, *, batch_size: int, image_size: int = 224, max_size: int | None = None,
-                 max_regions: int = 200, global_size: int | None = None, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+def shard_loader(split_dir: str | Path, preprocess: Preprocess, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  for_eval: bool = False, shuffle_buffer: int = SHUFFLE_BUFFER) -> Iterable[Batch]:
     """Batches of one split for one rank (see the module docstring).
 
     Args:
         split_dir: SHARDS/<split>, holding manifest.json and the shards (a path or an fsspec URL).
+        preprocess: the stage's input transform (sizes, T, normalisation, whole images for stage 1).
         batch_size: images per batch.
-        image_size: shorter side S of the resized images.
-        max_size: cap on the longer side (default 2 x image_size).
-        max_regions: T, the proposals kept per image (top T by score).
-        global_size: squash images to this square and give no regions (the global stage).
         rank, world_size: this process's place among the DDP ranks.
         num_workers: DataLoader worker processes (0: decode in this process).
         shuffle, seed, epoch: training order; the same (seed, epoch) gives the same batches.
@@ -478,15 +355,13 @@ def shard_loader(split_dir: str | Path, *, batch_size: int, image_size: int = 22
         FileNotFoundError / ValueError: a bad argument, or a missing, incomplete or corrupt
         manifest or shard (named).
     """
-    if batch_size < 1 or image_size < 1 or max_regions < 0 or num_workers < 0 or shuffle_buffer < 1:
-        raise ValueError(f"need batch_size >= 1, image_size >= 1, max_regions >= 0, num_workers >= 0 and "
-                         f"shuffle_buffer >= 1; got {batch_size}, {image_size}, {max_regions}, {num_workers}, "
-                         f"{shuffle_buffer}")
-    if (max_size is not None and max_size < 1) or (global_size is not None and global_size < 1):
-        raise ValueError(f"max_size and global_size must be >= 1, got {max_size}, {global_size}")
+    if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+        raise ValueError(f"need batch_size >= 1, num_workers >= 0 and shuffle_buffer >= 1; got {batch_size}, "
+                         f"{num_workers}, {shuffle_buffer}")
+    preprocess.inputs.validate()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-    transform = _Transform(len(class_names(split_dir)), image_size, max_size, max_regions, global_size)
+    transform = SampleTransform(len(class_names(split_dir)), preprocess)
     dataset = ShardDataset(split_dir, batch_size=batch_size, transform=transform, rank=rank,
                            world_size=world_size, num_workers=num_workers, shuffle=shuffle and not for_eval,
                            seed=seed, epoch=epoch, for_eval=for_eval, shuffle_buffer=shuffle_buffer)

@@ -5,8 +5,8 @@ import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from rgnn.data.boxes import as_arrays, clip_box
-from rgnn.data.records import ImageRecord, LabeledSet
+from rgnn.boxes import clip_box
+from rgnn.data.records import ImageRecord, LabeledSet, as_arrays
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,191 @@
+"""The paper's ablation: the rows of Table 1 and the pool-layer comparison of section 4.3, with seeds.
+
+    python -m cluster.ablation [training flags: --shards / --coco-root / --voc-root / none] [--seeds N] [--out table.md]
+
+Every row is trained and evaluated in this process with plain PyTorch (rgnn.training.run_stages,
+on a GPU when there is one; Ray only builds missing shards) and logged as an MLflow child run of
+one parent run. Every row runs once per seed; the table gives the mean and the standard deviation
+over seeds. Stage 1 (global fine-tuning) does not depend on any row's setting, so it is trained
+once per seed: its result is the global baseline row and its weights start every other row of
+that seed. With E1..E4 the stage epochs:
+
+- ungated rows: stage 2 for E2 + E4 epochs, the same number of classification epochs the gated
+  rows get;
+- "multi-label loss" rows: stage 2 for E2, then stage 4 for E4 with lambda = 0 (eq. 6 alone; the
+  gates learn only through the classification loss, no stage 3);
+- "multi-task loss" rows: stages 2, 3, 4 as in training (eq. 9, lambda decaying);
+- pool-layer rows: fc6, fc7, fc8 or the softmax of fc8 pooled, ungated and region-gated with the
+  multi-task loss (the softmax ones are the "multi-scale" and "region gate, multi-task loss" rows).
+
+Each finished (row, seed) is saved to `<out>.rows.json` at once; a rerun with the same --out skips it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.data import prepare_shards
+from rgnn.checkpoint import write_json
+from rgnn.config import TrainConfig, build_parser, config_from_args, resolve
+from rgnn.data import shards
+from rgnn.model import RGNN
+from rgnn.tables import ap_table, to_markdown
+from rgnn.tracking import RunLogger, parent_run, resolve_tracking_uri, start_run
+from rgnn.training import Hooks, model_config, run_stages
+
+# name -> (config changes, how it trains: "regional" | "multilabel" | "multitask")
+ROWS = {
+    "regional, single scale": (dict(gate="none", scales=1), "regional"),
+    "regional, multi-scale": (dict(gate="none", scales=5), "regional"),
+    "region gate, multi-label loss": (dict(gate="region"), "multilabel"),
+    "region gate, multi-task loss": (dict(gate="region"), "multitask"),
+    "feature gate, multi-label loss": (dict(gate="feature"), "multilabel"),
+    "feature gate, multi-task loss": (dict(gate="feature"), "multitask"),
+    **{f"ungated, pool {layer}": (dict(gate="none", pool_layer=layer), "regional") for layer in ("fc6", "fc7", "fc8")},
+    **{f"region gate, pool {layer}": (dict(gate="region", pool_layer=layer), "multitask")
+       for layer in ("fc6", "fc7", "fc8")},
+}
+GLOBAL = "global baseline"
+LOSS = {"regional": "eq. 6", "multilabel": "eq. 6", "multitask": "eq. 9"}
+
+
+def row_config(base: TrainConfig, changes: dict, kind: str, seed: int) -> TrainConfig:
+    """The TrainConfig of one row and seed (stages 2-4; stage 1 comes from the shared global model)."""
+    e1, e2, e3, e4 = base.schedule.epochs
+    epochs = {"regional": [0, e2 + e4, 0, 0], "multilabel": [0, e2, 0, e4], "multitask": [0, e2, e3, e4]}[kind]
+    cfg = base.copy(**{"scales": 5, "pool_layer": "softmax", **changes}, start_stage="regional", epochs=epochs,
+                    seed=seed)
+    if kind == "multilabel":
+        cfg.schedule.lambdas.family, cfg.schedule.lambdas.start = "constant", 0.0
+    return cfg
+
+
+def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, rows: list[str] | None = None,
+                 seeds: int = 3) -> dict[str, dict]:
+    """Train and evaluate the global baseline and `rows` (default all), `seeds` times each.
+
+    Returns:
+        name -> {"mAP" (mean over seeds), "std", "maps" (per seed), "ap" (per class, mean), "runs"};
+        the tables go to `out` (markdown).
+    """
+    rows = list(ROWS) if rows is None else rows
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise ValueError(f"unknown ablation rows {sorted(unknown)}: expected some of {list(ROWS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: expected >= 1")
+    names = shards.class_names(train_dir)
+    if names != shards.class_names(val_dir):
+        raise ValueError(f"{train_dir} and {val_dir} have different class lists")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    uri = resolve_tracking_uri(base.tracking.tracking_uri)
+    done_file = out.with_name(out.name + ".rows.json")
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    results = done.setdefault("rows", {})
+    first = base.schedule.seed
+    with parent_run(uri, base.tracking.experiment, f"ablation {out.stem}", base.flat(),
+                    {"kind": "ablation", "dataset": base.dataset}, done, lambda: write_json(done_file, done)) as log:
+        for seed in range(first, first + seeds):
+            global_weights = out.with_name(f"{out.name}.global-seed{seed}.pt")
+            if str(seed) not in results.get(GLOBAL, {}) or not global_weights.is_file():
+                cfg = base.copy(epochs=[base.schedule.epochs[0], 0, 0, 0], gate="none", seed=seed)
+                torch.manual_seed(seed)
+                model = RGNN(model_config(cfg, len(names))).to(device)
+                results.setdefault(GLOBAL, {})[str(seed)] = _train_row(GLOBAL, cfg, model, names, train_dir, val_dir,
+                                                                      device, uri, log.run_id)
+                torch.save({k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "fc8."))},
+                           global_weights)
+                write_json(done_file, done)
+            start = torch.load(global_weights, map_location="cpu", weights_only=True)
+            for name in rows:
+                if str(seed) in results.get(name, {}):
+                    continue
+                cfg = row_config(base, *ROWS[name], seed)
+                torch.manual_seed(seed)
+                model = RGNN(model_config(cfg, len(names)))
+                model.load_state_dict(start, strict=False)  # backbone and fc8; the head and gates are new
+                results.setdefault(name, {})[str(seed)] = _train_row(name, cfg, model.to(device), names, train_dir,
+                                                                    val_dir, device, uri, log.run_id)
+                write_json(done_file, done)
+        order = [GLOBAL] + [r for r in ROWS if r in rows]
+        summary = {n: _summarise(results[n], range(first, first + seeds)) for n in order}
+        out.write_text(ablation_markdown(summary, names))
+        log.artifact(out)
+        for i, n in enumerate(order):
+            log.metric("ablation/mAP", summary[n]["mAP"], i)
+    return summary
+
+
+def _summarise(by_seed: dict[str, dict], seeds) -> dict:
+    runs = [by_seed[str(s)] for s in seeds]
+    maps = [r["mAP"] for r in runs]
+    return {"mAP": float(np.mean(maps)), "std": float(np.std(maps, ddof=1)) if len(maps) > 1 else float("nan"),
+            "maps": maps, "ap": np.mean([r["ap"] for r in runs], axis=0).tolist(), "runs": runs}
+
+
+def _train_row(name: str, cfg: TrainConfig, model: RGNN, names: list[str], train_dir: Path, val_dir: Path,
+               device: torch.device, uri: str, parent: str) -> dict:
+    seed = cfg.schedule.seed
+    run_id = start_run(uri, cfg.tracking.experiment, f"{name} (seed {seed})", cfg.flat(),
+                       {"mlflow.parentRunId": parent, "gate": cfg.model.gate, "backbone": cfg.model.backbone,
+                        "dataset": cfg.dataset, "ablation_row": name, "seed": seed})
+    log = RunLogger(uri, run_id)
+    print(f"== {name} (seed {seed})", flush=True)
+    _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=Hooks(on_step=log.step, on_epoch=log.epoch))
+    for n, a in zip(names, result["ap"]):
+        if not np.isnan(a):
+            log.metric(f"val/AP/{n}", a, 0)
+    log.flush()
+    log.client.set_terminated(run_id, "FINISHED")
+    return {"mAP": result["mAP"], "ap": [float(a) for a in result["ap"]], "run_id": run_id}
+
+
+def ablation_markdown(results: dict[str, dict], class_names: list[str]) -> str:
+    """The summary table (row, gate, scales, pool layer, loss, mAP mean +- std over seeds) and the
+    per-class AP table (means)."""
+    seeds = len(next(iter(results.values()))["maps"])
+    lines = [f"| row | gate | scales | pooled layer | loss | mAP (%), mean +- std over {seeds} seed(s) | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name == GLOBAL:
+            desc = ("-", "-", "fc8 (whole image)", "eq. 6")
+        else:
+            changes, kind = ROWS[name]
+            desc = (changes["gate"], str(changes.get("scales", 5)), changes.get("pool_layer", "softmax"), LOSS[kind])
+        spread = "" if np.isnan(r["std"]) else f" +- {100 * r['std']:.1f}"
+        per_seed = ", ".join(f"{100 * m:.1f}" for m in r["maps"])
+        lines.append(f"| {name} | " + " | ".join(desc) + f" | {100 * r['mAP']:.1f}{spread} | {per_seed} |")
+    table = ap_table({n: np.array(r["ap"]) for n, r in results.items()}, class_names)
+    return ("\n".join(lines) + "\n\nAP per class (%, mean over seeds), area under the PR curve:\n\n" + to_markdown(table))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = build_parser()
+    p.prog = "python -m cluster.ablation"
+    p.description = __doc__.split("\n\n")[0] + " Training flags set the base config of every row."
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("--out", default="ablation.md", help="markdown table to write (rows kept in <out>.rows.json)")
+    p.add_argument("--rows", help=f"';'-separated subset of: {'; '.join(ROWS)} (default all)")
+    p.add_argument("--seeds", type=int, default=3, help="runs of every row, seeds --seed, --seed + 1, ...")
+    args = vars(p.parse_args(argv))
+    out, rows, seeds = Path(args.pop("out", "ablation.md")).resolve(), args.pop("rows", None), args.pop("seeds", 3)
+    args.pop("summary", None)
+    try:
+        base = resolve(config_from_args(args))
+        # verifies --shards, or builds shards through sharding/ on Ray; training here needs no Ray
+        train_dir, val_dir = prepare_shards(base.data, base.input, base.schedule.seed, keep_ray=False)
+        results = run_ablation(base, train_dir, val_dir, out, rows.split(";") if rows else None, seeds)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        sys.exit(f"error: {e}")
+    print("\n" + out.read_text())
+    print(f"table: {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

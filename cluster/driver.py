@@ -1,0 +1,128 @@
+"""The driver of one training on a Ray cluster: shards, MLflow run, Ray Train's TorchTrainer.
+
+`fit` is what every entry point runs: `cluster/train_coco.py` and `cluster/train_voc.py` (through
+`main`), each trial of `tune/search.py`, and the tests. It joins the cluster it is submitted to
+(RAY_ADDRESS, or a running local head) or starts a local Ray.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.data import prepare_shards
+from cluster.loop import train_loop_per_worker
+from cluster.ray_setup import init_ray
+from rgnn.checkpoint import check_classes, checkpoint_classes, resolve_checkpoint, write_json, write_text
+from rgnn.config import TrainConfig, parse_args
+from rgnn.data import shards
+from rgnn.tracking import check_reachable, git_commit, resolve_tracking_uri, start_run
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+def resolve_storage(storage: str) -> str:
+    """Ray Train's storage: a URI as it is, a path made absolute (workers run elsewhere)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def mlflow_run_id(run_dir: Path) -> str | None:
+    """The MLflow run of the Ray Train run in `run_dir`, None before its first start."""
+    id_file = run_dir / RUN_ID_FILE
+    return id_file.read_text().strip() if id_file.is_file() else None
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return f"{cfg.dataset}-{cfg.model.gate}-{cfg.model.backbone}"
+
+
+def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks: list | None = None,
+        parent: str | None = None, label: str | None = None, summary_path: str | None = None) -> dict:
+    """Run one whole training; returns the summary dict (also written to summary_path).
+
+    Args:
+        cfg: a resolved TrainConfig.
+        shard_dirs: (train, val) shard folders already prepared (else `prepare_shards`).
+        callbacks: Ray Train callbacks (tune/ passes TuneReportCallback).
+        parent: makes the MLflow run a child of this run (a search or an ablation).
+        label: the MLflow run name (default data set, gate, backbone).
+    """
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_reachable(uri)  # before any data or cluster work
+    cfg.tracking.tracking_uri = uri
+    c = cfg.cluster
+    storage = resolve_storage(c.storage)
+    if c.resume and not c.name:
+        raise ValueError("--resume needs --name: the run to continue")
+    c.name = c.name or f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(storage) / c.name
+    if c.resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage}")
+    train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
+    class_names = shards.class_names(train_dir)
+    if class_names != shards.class_names(val_dir):
+        raise ValueError(f"{train_dir} and {val_dir} have different class lists")
+    if c.init_checkpoint:  # fail here, not in every worker
+        check_classes(checkpoint_classes(c.init_checkpoint), class_names, str(resolve_checkpoint(c.init_checkpoint)))
+
+    init_ray()
+    tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
+            "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    # a run folder that already has an MLflow run (--resume, a restarted Tune trial) continues it
+    run_id = start_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags, mlflow_run_id(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / RUN_ID_FILE, run_id)
+
+    gpus = c.gpus_per_worker
+    if gpus is None:  # the GPU path switches itself on where the cluster has GPUs
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= c.workers else 0.0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_flat(), "train_dir": str(train_dir), "val_dir": str(val_dir),
+                           "tracking_uri": uri, "run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}),
+        run_config=RunConfig(name=c.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks),
+    )
+    client = MlflowClient(uri)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    maps = result.metrics.get("maps", {}) if result.metrics else {}
+    metrics = client.get_run(run_id).data.metrics
+    summary = {"run_id": run_id,
+               "checkpoint": str(Path(result.checkpoint.path) / "checkpoint.pt") if result.checkpoint else None,
+               "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
+               "tracking_uri": uri, "experiment": cfg.tracking.experiment}
+    if summary_path:
+        write_json(summary_path, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line of cluster/train_coco.py and cluster/train_voc.py."""
+    try:
+        cfg, summary_path = parse_args(argv)
+        summary = fit(cfg, summary_path=summary_path)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: a message, not a traceback
+        sys.exit(f"error: {e}")
+    final = list(summary["map"].items())
+    print(f"\nMLflow run {summary['run_id']} in experiment {summary['experiment']!r} at {summary['tracking_uri']}")
+    print(f"  see it: mlflow ui --backend-store-uri {summary['tracking_uri']}   (then open http://127.0.0.1:5000)")
+    print("  val mAP per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in final))
+    if final:
+        print(f"  final val mAP: {final[-1][1]:.4f}")
+    print(f"  final checkpoint: {summary['checkpoint']}")

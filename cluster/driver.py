@@ -21,6 +21,7 @@ from cluster.ray_setup import init_ray
 from rgnn.checkpoint import check_classes, checkpoint_classes, resolve_checkpoint, write_json, write_text
 from rgnn.config import TrainConfig, parse_args
 from rgnn.data import shards
+from rgnn.metrics import GATE_METRICS
 from rgnn.tracking import check_reachable, git_commit, resolve_tracking_uri, start_run
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -101,11 +102,13 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    maps = result.metrics.get("maps", {}) if result.metrics else {}
+    last = result.metrics or {}
+    maps = last.get("maps", {})
     metrics = client.get_run(run_id).data.metrics
     summary = {"run_id": run_id,
                "checkpoint": str(Path(result.checkpoint.path) / "checkpoint.pt") if result.checkpoint else None,
                "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
+               "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
                "tracking_uri": uri, "experiment": cfg.tracking.experiment}
     if summary_path:
         write_json(summary_path, summary)
@@ -125,4 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     print("  val mAP per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in final))
     if final:
         print(f"  final val mAP: {final[-1][1]:.4f}")
+    if summary["gates"]:
+        print("  gates on the val proposals: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["gates"].items()))
     print(f"  final checkpoint: {summary['checkpoint']}")

@@ -26,6 +26,7 @@ import yaml
 
 from rgnn.backbones import BACKBONES
 from rgnn.data.transforms import PAPER_INPUT, InputConfig
+from rgnn.losses import GATE_TARGETS
 from rgnn.model import GATES, POOL_LAYERS, ModelConfig
 from rgnn.pooling import SCALES
 from rgnn.schedule import LAMBDA_FAMILIES, STAGES, LambdaSchedule
@@ -64,6 +65,7 @@ class ScheduleConfig:
     lr: float | None = None
     stage_lr: dict[str, float] = field(default_factory=dict)
     lambdas: LambdaSchedule = field(default_factory=LambdaSchedule)
+    gate_target: str = "region"  # eq. 8 for feature-level gates: the region's target, or per class
     batch_size: int | None = None
     eval_every_epoch: bool = False
     seed: int = 0
@@ -211,7 +213,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 # flag choices and checks share these tuples
 CHOICES = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS,
-           "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES}
+           "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES, "gate_target": GATE_TARGETS}
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -230,6 +232,10 @@ def _check(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.model.dropout < 1.0 or s.lr <= 0:
         raise ValueError(f"dropout={cfg.model.dropout} must be in [0, 1) and lr={s.lr} > 0")
     cfg.input.validate()
+    if s.gate_target == "class" and not (cfg.model.gate == "feature" and cfg.model.pool_layer in ("fc8", "softmax")):
+        raise ValueError("--gate-target class needs feature-level gates on a layer with one dimension per class "
+                         f"(--gate feature, --pool-layer fc8 or softmax), got gate {cfg.model.gate!r}, "
+                         f"pool layer {cfg.model.pool_layer!r}")
     if c.start_stage != "global" and not (c.init_checkpoint or c.resume):
         raise ValueError(f"--start-stage {c.start_stage} needs --init-checkpoint (the weights to start from)")
 
@@ -287,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lambda-schedule", choices=LAMBDA_FAMILIES, help="how lambda of eq. 9 decays through stage 4 (default linear)")
     s.add_argument("--lambda-start", type=float, help="lambda at the start of stage 4 (default 1)")
     s.add_argument("--lambda-end", type=float, help="lambda at the end of stage 4 (default 0)")
+    s.add_argument("--gate-target", choices=GATE_TARGETS,
+                   help="eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the paper's bold "
+                        "1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each class")
     s.add_argument("--batch-size", type=int, help="images per worker per step")
     s.add_argument("--image-size", type=int, help="shorter side of the free-size regional input")
     s.add_argument("--max-size", type=int, help="cap on the longer side (default 2x image size)")

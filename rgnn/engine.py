@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rgnn.data.transforms import Batch
-from rgnn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, region_targets
+from rgnn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, object_regions, region_targets
 from rgnn.model import RGNN, RGNNOutput
 
 
@@ -101,39 +101,52 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
 
 
 @torch.no_grad()
-def collect_scores(model: StageModel, loader: Iterable[Batch], device: torch.device):
-    """Scores on this process's part of a split.
+def collect_scores(model: StageModel, loader: Iterable[Batch], device: torch.device) -> dict:
+    """Scores on this process's part of a split, and the gates of its proposals.
 
     Returns:
-        (scores float32[N, C] sigmoid probabilities, targets float32[N, C], ignore bool[N, C], ids list).
+        {"scores": float32[N, C] sigmoid probabilities, "targets": float32[N, C], "ignore": bool[N, C],
+        "ids": list, "gates": float32[P] (feature-level: the mean over dimensions) and "gate_targets":
+        float32[P] eq. 8's region target, over the P proposals (whole-image regions left out), empty
+        without gates}.
     """
     model.eval()
-    scores, targets, ignore, ids = [], [], [], []
+    parts: dict[str, list] = {k: [] for k in ("scores", "targets", "ignore", "gates", "gate_targets")}
+    ids = []
     for batch in loader:
         batch = batch.to(device)
-        scores.append(torch.sigmoid(model(batch).logits).float().cpu().numpy())
-        targets.append(batch.targets.cpu().numpy())
-        ignore.append(batch.ignore.cpu().numpy())
+        out = model(batch)
+        parts["scores"].append(torch.sigmoid(out.logits).float().cpu().numpy())
+        parts["targets"].append(batch.targets.cpu().numpy())
+        parts["ignore"].append(batch.ignore.cpu().numpy())
         ids.extend(batch.ids)
-    if not scores:
-        return (np.zeros((0, 0), np.float32),) * 2 + (np.zeros((0, 0), bool), [])
-    return np.concatenate(scores), np.concatenate(targets), np.concatenate(ignore), ids
+        if out.gates is not None:
+            targets, proposal = object_regions(out, batch.gt_boxes)
+            gates = out.gates.float() if out.gates.dim() == 1 else out.gates.float().mean(1)  # (R,)
+            parts["gates"].append(gates[proposal].cpu().numpy())
+            parts["gate_targets"].append(targets[proposal].cpu().numpy())
+    result = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
+    if not parts["scores"]:
+        result.update(scores=np.zeros((0, 0), np.float32), targets=np.zeros((0, 0), np.float32),
+                      ignore=np.zeros((0, 0), bool))
+    return {**result, "ids": ids}
 
 
-def gather_predictions(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray, ids: list):
-    """Concatenate every rank's predictions (all ranks get all of them), ordered by image id.
+def gather_predictions(part: dict) -> dict:
+    """Every rank's `collect_scores` joined (all ranks get all of it), images ordered by id.
 
     Metrics are computed on everything, never averaged over ranks or batches.
     """
-    parts = [(scores, targets, ignore, ids)]
+    parts = [part]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (scores, targets, ignore, ids))
-    parts = [p for p in parts if len(p[3])]
-    ids = [i for p in parts for i in p[3]]
+        dist.all_gather_object(parts, part)
+    with_images = [p for p in parts if len(p["ids"])]
+    ids = [i for p in with_images for i in p["ids"]]
     order = np.argsort(np.array([str(i) for i in ids]), kind="stable")
-    cat = [np.concatenate([p[k] for p in parts])[order] for k in range(3)]
-    return (*cat, [ids[i] for i in order])
+    out = {k: np.concatenate([p[k] for p in with_images])[order] for k in ("scores", "targets", "ignore")}
+    gates = {k: np.concatenate([p[k] for p in parts]) for k in ("gates", "gate_targets")}
+    return {**out, **gates, "ids": [ids[i] for i in order]}
 
 
 def stage_progress(epoch: int, step: int, epochs: int, steps: int) -> float:

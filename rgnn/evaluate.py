@@ -71,8 +71,8 @@ def scores_on_shards(predictor: Predictor, split_dir: Path, batch_size: int = 8)
     """(scores float[N, C], targets float[N, C], ignore bool[N, C]) from shards (their stored
     proposals), as training's evaluation reads them."""
     loader = shards.shard_loader(split_dir, predictor.preprocess, batch_size=batch_size, for_eval=True)
-    scores, targets, ignore, _ = collect_scores(predictor.net, loader, predictor.device)
-    return scores, targets, ignore
+    got = collect_scores(predictor.net, loader, predictor.device)
+    return got["scores"], got["targets"], got["ignore"]
 
 
 def evaluate_table(results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: list[str],

@@ -1,7 +1,7 @@
 """Gate units (section 3.1): how much of each region's feature x_i passes to the pooling.
 
 The gate reads a utility input u_i (fc7 of the region, section 4.2) through one FC layer T and a
-sigmoid. Region-level (eq. 2): one value a_i per region; feature-level (eq. 4): a vector a_i with
+sigmoid; T starts at zero (see `_Gate`). Region-level (eq. 2): one value a_i per region; feature-level (eq. 4): a vector a_i with
 the dimension of x_i. The gated feature is x^_i = a_i * x_i. Backpropagation (eqs. 3 and 5) is
 autograd's; tests/test_model.py checks it with gradcheck.
 """
@@ -49,14 +49,21 @@ def apply_gate(x: Tensor, a: Tensor) -> Tensor:
 
 
 class _Gate(nn.Module):
-    """One FC layer T (Xavier-initialised, section 4.2) followed by a sigmoid."""
+    """One FC layer T followed by a sigmoid, starting with every gate at 0.5.
+
+    Section 4.2 Xavier-initialises T. On fc7 features of norm ~100 (the small CNN; VGG's are larger)
+    that gives pre-activations of std ~9: most gates start saturated near 0 or 1, where eq. 7's
+    gradient (g - r) g (1 - g) vanishes, and stage 3 learned nothing (gate AUC 0.49 against eq. 8's
+    target, issue 12). T starts at zero (weight and bias): every gate at 0.5, the steepest point of
+    the sigmoid, and the gradient on T's weight, (g - r) g (1 - g) u, is never zero at the start.
+    """
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         if in_dim < 1 or out_dim < 1:
             raise ValueError(f"gate dimensions must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
         self.transform = nn.Linear(in_dim, out_dim)
-        nn.init.xavier_uniform_(self.transform.weight)
+        nn.init.zeros_(self.transform.weight)
         nn.init.zeros_(self.transform.bias)
 
 

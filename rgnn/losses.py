@@ -14,6 +14,9 @@ from torchvision.ops import box_iou
 
 from rgnn.model import RGNNOutput
 
+# eq. 8's target of a feature-level gate: the region's (the paper's bold 1/0) or per class (ours)
+GATE_TARGETS = ("region", "class")
+
 
 def _wide(t: Tensor) -> Tensor:
     """float32 for half-precision and integer tensors; float32/float64 stay as they are."""
@@ -154,3 +157,20 @@ def region_targets(out: RGNNOutput, gt_boxes: list[Tensor], gt_labels: list[Tens
     if feature_level and not class_aware:
         return targets.unsqueeze(1).expand(-1, out.gates.shape[1])  # (R, D): the bold 1 / 0 of eq. 8
     return targets
+
+
+def object_regions(out: RGNNOutput, gt_boxes: list[Tensor], theta: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Eq. 8's region target and a mask of the proposals (every region but each image's whole-image
+    region, which the model appends last): what gate quality is measured on.
+
+    Returns:
+        (float Tensor[R] of 0/1, bool Tensor[R]).
+    """
+    targets = torch.zeros(len(out.boxes), dtype=torch.float32, device=out.boxes.device)
+    for i in range(len(gt_boxes)):
+        sel = out.image_index == i
+        targets[sel] = localization_targets(out.boxes[sel].float(), gt_boxes[i].float())
+    counts = torch.bincount(out.image_index, minlength=len(gt_boxes))  # (N,)
+    proposal = torch.ones(len(out.boxes), dtype=torch.bool, device=out.boxes.device)
+    proposal[torch.cumsum(counts, 0)[counts > 0] - 1] = False  # each image's last region: the whole image
+    return targets, proposal

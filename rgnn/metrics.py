@@ -153,6 +153,9 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((rank_sum[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+GATE_METRICS = ("gate_auc", "gate_ap", "gate_mean_object", "gate_mean_other")
+
+
 def gate_quality(gates: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """How well gate values pick eq. 8's object regions (region IoU > 0.5 with a ground-truth box).
 

@@ -128,7 +128,7 @@ class RunLogger:
         """Hooks.on_epoch: val/mAP, val/CF1, val/OF1 when evaluated; val/mAP/<stage> (and VOC 2007's
         11-point mAP) and the stage_reached tag when a stage ends."""
         if result is not None:
-            self.metrics({k: metrics[k] for k in ("val/mAP", "val/CF1", "val/OF1")}, state.global_step)
+            self.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, state.global_step)
         if metrics["epoch"] == metrics["epochs"]:
             stage = metrics["stage"]
             self.metric(f"val/mAP/{stage}", result["mAP"], state.global_step)

@@ -18,7 +18,7 @@ from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
 from rgnn.engine import StageModel, collect_scores, gather_predictions, stage_progress, train_one_epoch
-from rgnn.metrics import average_precision, mean_ap, multilabel_prf
+from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
 from rgnn.schedule import STAGES, set_trainable
 
@@ -72,14 +72,19 @@ def validate(model: RGNN, stage: str, val_dir: Path, inputs: InputConfig, batch_
     """Scores of the whole val split gathered from every rank, then mAP, per-class AP, CF1/OF1.
 
     mAP is the area under the PR curve (COCO and VOC 2012 practice); `voc07` adds `mAP_voc07`,
-    VOC 2007's 11-point rule. VOC difficult-only classes are ignored per image.
+    VOC 2007's 11-point rule. VOC difficult-only classes are ignored per image. With gates, the
+    result adds `metrics.gate_quality` over every proposal of the split (`gate_auc`, `gate_ap`,
+    `gate_mean_object`, `gate_mean_other`).
     """
     loader = shards.shard_loader(val_dir, Preprocess.for_stage(inputs, model.cfg, stage), batch_size=batch_size,
                                  rank=rank, world_size=world, num_workers=loader_workers, for_eval=True)
-    scores, targets, ignore, ids = gather_predictions(*collect_scores(StageModel(model, stage), loader, device))
+    got = gather_predictions(collect_scores(StageModel(model, stage), loader, device))
+    scores, targets, ignore = got["scores"], got["targets"], got["ignore"]
     ap = average_precision(scores, targets, mode="area", ignore=ignore)
     result = {"mAP": mean_ap(ap), "ap": ap, "scores": scores, "targets": targets,
-              "ignore": ignore, "ids": ids, **multilabel_prf(scores, targets)}
+              "ignore": ignore, "ids": got["ids"], **multilabel_prf(scores, targets)}
+    if len(got["gates"]):  # gated stages: how well the gates pick eq. 8's object regions
+        result.update(gate_quality(got["gates"], got["gate_targets"]))
     if voc07:
         result["mAP_voc07"] = mean_ap(average_precision(scores, targets, mode="voc07", ignore=ignore))
     return result
@@ -87,9 +92,14 @@ def validate(model: RGNN, stage: str, val_dir: Path, inputs: InputConfig, batch_
 
 def epoch_line(metrics: dict, result: dict | None) -> str:
     """The one line a run prints per epoch."""
-    return (f"[{metrics['stage']}] epoch {metrics['epoch']}/{metrics['epochs']}: loss_cls {metrics['train/loss_cls']:.4f} "
-            f"loss_loc {metrics['train/loss_loc']:.4f} lambda {metrics['train/lambda']:.3f}"
-            + (f" val mAP {result['mAP']:.4f}" if result else ""))
+    line = (f"[{metrics['stage']}] epoch {metrics['epoch']}/{metrics['epochs']}: loss_cls {metrics['train/loss_cls']:.4f} "
+            f"loss_loc {metrics['train/loss_loc']:.4f} lambda {metrics['train/lambda']:.3f}")
+    if result:
+        line += f" val mAP {result['mAP']:.4f}"
+        if "gate_auc" in result:
+            line += (f" gate AUC {result['gate_auc']:.3f} AP {result['gate_ap']:.3f} (mean gate: objects "
+                     f"{result['gate_mean_object']:.2f}, other {result['gate_mean_other']:.2f})")
+    return line
 
 
 def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir: Path, val_dir: Path,
@@ -133,7 +143,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                     hooks.on_step(state.global_step + step, {**{f"train/{k}": v for k, v in values.items()},
                                                              "train/lr": optimizer.param_groups[0]["lr"]})
 
-            stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step)
+            stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
+                                    class_aware=s.gate_target == "class")
             state.global_step += stats["steps"]
             done = epoch + 1 == epochs
             metrics = {"stage": stage, "epoch": epoch + 1, "epochs": epochs, "train/loss_cls": stats["loss_cls"],
@@ -143,7 +154,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                 result = validate(model, stage, val_dir, inputs, s.batch_size, rank=rank, world=world, device=device,
                                   loader_workers=cfg.cluster.loader_workers, voc07=voc07)
                 state.last_map = result["mAP"]
-                metrics.update({"val/CF1": result["CF1"], "val/OF1": result["OF1"]})
+                metrics.update({"val/CF1": result["CF1"], "val/OF1": result["OF1"],
+                                **{f"val/{k}": result[k] for k in GATE_METRICS if k in result}})
                 if done:
                     state.maps[stage] = result["mAP"]
                     final = (stage, result)

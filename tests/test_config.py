@@ -78,3 +78,13 @@ def test_flag_choices_come_from_the_library_tuples():
     actions = {a.dest: a for a in build_parser()._actions}
     assert actions["gate"].choices is GATES and actions["pool_layer"].choices is POOL_LAYERS
     assert actions["backbone"].choices is BACKBONES and actions["lambda_schedule"].choices is LAMBDA_FAMILIES
+
+
+def test_gate_target_is_a_setting_checked_against_the_gate():
+    cfg, _ = parse_args(["--gate", "feature", "--gate-target", "class"])
+    assert cfg.schedule.gate_target == "class"
+    assert parse_args([])[0].schedule.gate_target == "region"  # eq. 8 as the paper writes it
+    for argv in (["--gate", "region", "--gate-target", "class"],
+                 ["--gate", "feature", "--pool-layer", "fc7", "--gate-target", "class"]):
+        with pytest.raises(ValueError, match="gate-target class"):
+            parse_args(argv)

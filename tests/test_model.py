@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 import torchvision
 
 from rgnn.backbones import build_backbone
@@ -150,6 +151,8 @@ def test_trainable_parameters_get_gradients_in_every_stage(gate, pool_layer):
             continue
         torch.manual_seed(0)
         model = RGNN(ModelConfig(num_classes=C, gate=gate, pool_layer=pool_layer)).train()
+        if model.gate is not None:  # past its first step: a gate that starts at zero passes no
+            nn.init.normal_(model.gate.transform.weight, std=0.01)  # gradient to fc7 when fc6 is pooled
         trainable = {id(p) for p in set_trainable(model, stage)}
         stage_loss(model, stage, batch).backward()
         for name, p in model.named_parameters():
@@ -168,7 +171,23 @@ def test_gate_modules_match_their_functions():
     assert torch.equal(apply_gate(x, a), a[:, None] * x)
     b = fg(u)
     assert b.shape == (5, 3) and torch.equal(apply_gate(x, b), b * x)
-    assert torch.equal(fg.transform.bias, torch.zeros(3))  # Xavier weights, zero bias (section 4.2)
+    assert torch.equal(fg.transform.weight, torch.zeros(3, 6)) and torch.equal(fg.transform.bias, torch.zeros(3))
+
+
+@pytest.mark.parametrize("norm", [1.0, 100.0, 1000.0])
+def test_gates_start_at_one_half_and_can_learn(norm):
+    """fc7 of the small CNN has a norm near 100 (VGG's more): with Xavier-initialised T most gates
+    started saturated and eq. 7 had no gradient (issue 12). Zero-initialised T: every gate is 0.5."""
+    torch.manual_seed(0)
+    u = torch.relu(torch.randn(64, 128))
+    u = u * norm / u.norm(dim=1, keepdim=True)  # (R, U) with ||u_i|| = norm
+    for gate in (RegionGate(128), FeatureGate(128, 10)):
+        g = gate(u)
+        assert torch.equal(g, torch.full_like(g, 0.5))
+        targets = (torch.arange(64) % 4 == 0).float()  # a quarter of the regions are objects
+        targets = targets if g.dim() == 1 else targets[:, None].expand_as(g)
+        ((g - targets) ** 2).sum().backward()  # eq. 7
+        assert gate.transform.weight.grad.abs().sum() > 0 and gate.transform.bias.grad.abs().sum() > 0
 
 
 def test_gates_gradcheck():

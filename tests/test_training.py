@@ -47,6 +47,9 @@ def test_run_stages_reports_every_epoch_and_evaluates_each_stage(shard_root):
     assert lams[:3] == [0.0, 0.0, 0.0] and lams[3] > lams[4]  # lambda only in stage 4, decaying
     assert reports[2][2]["train/loss_cls"] == 0.0 and reports[2][2]["train/loss_loc"] > 0  # stage 3: eq. 7 only
     assert result["scores"].shape == (12, len(names))  # every val image once
+    # gate quality after each gated stage's evaluation, not before
+    assert "val/gate_auc" not in reports[1][2] and 0.0 <= reports[2][2]["val/gate_auc"] <= 1.0
+    assert 0.0 <= result["gate_ap"] <= 1.0 and result["gate_mean_object"] > 0 and result["gate_mean_other"] > 0
 
 
 def test_resume_continues_from_the_saved_state(shard_root):

@@ -36,7 +36,7 @@ from rgnn.data import shards
 from rgnn.model import RGNN
 from rgnn.tables import ap_table, to_markdown
 from rgnn.tracking import RunLogger, parent_run, resolve_tracking_uri, start_run
-from rgnn.training import Hooks, model_config, run_stages
+from rgnn.training import Hooks, epoch_line, model_config, run_stages
 
 # name -> (config changes, how it trains: "regional" | "multilabel" | "multitask")
 ROWS = {
@@ -136,7 +136,16 @@ def _train_row(name: str, cfg: TrainConfig, model: RGNN, names: list[str], train
                         "dataset": cfg.dataset, "ablation_row": name, "seed": seed})
     log = RunLogger(uri, run_id)
     print(f"== {name} (seed {seed})", flush=True)
-    _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=Hooks(on_step=log.step, on_epoch=log.epoch))
+    def on_warning(message: str) -> None:
+        print(message, flush=True)
+        log.tag("warning", "loss_not_falling")
+
+    def on_epoch(state, metrics: dict, result: dict | None) -> None:
+        log.epoch(state, metrics, result)
+        print(epoch_line(metrics, result), flush=True)
+
+    hooks = Hooks(on_step=log.step, on_epoch=on_epoch, on_warning=on_warning)
+    _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=hooks)
     for n, a in zip(names, result["ap"]):
         if not np.isnan(a):
             log.metric(f"val/AP/{n}", a, 0)

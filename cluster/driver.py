@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ from rgnn.checkpoint import check_classes, checkpoint_classes, resolve_checkpoin
 from rgnn.config import TrainConfig, parse_args
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
-from rgnn.tracking import check_reachable, git_commit, resolve_tracking_uri, start_run
+from rgnn.pretrain import pretrained_weights
+from rgnn.tracking import RunLogger, check_reachable, git_commit, recall_metrics, resolve_tracking_uri, start_run
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -70,16 +72,26 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
         raise ValueError(f"{train_dir} and {val_dir} have different class lists")
     if c.init_checkpoint:  # fail here, not in every worker
         check_classes(checkpoint_classes(c.init_checkpoint), class_names, str(resolve_checkpoint(c.init_checkpoint)))
+    if cfg.chosen:
+        print("defaults chosen for this run (recipe " + str(cfg.recipe) + "): "
+              + ", ".join(f"{k}={v}" for k, v in cfg.chosen.items()), flush=True)
+    if cfg.model.weights == "standin":  # built once here (with progress), found in the cache by the workers
+        print(f"backbone weights: {pretrained_weights(cfg.data.cache_dir)}", flush=True)
 
     init_ray()
     tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
-            "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name}
+            "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,
+            "defaults_chosen": json.dumps(cfg.chosen)[:5000]}
     if parent:
         tags["mlflow.parentRunId"] = parent
     # a run folder that already has an MLflow run (--resume, a restarted Tune trial) continues it
     run_id = start_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags, mlflow_run_id(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / RUN_ID_FILE, run_id)
+    log = RunLogger(uri, run_id)
+    for split_dir in (train_dir, val_dir):  # the shards' proposal recall, per area bin
+        log.metrics(recall_metrics(Path(split_dir).name, shards.read_manifest(split_dir).get("proposal_recall", {})), 0)
+    log.flush()
 
     gpus = c.gpus_per_worker
     if gpus is None:  # the GPU path switches itself on where the cluster has GPUs

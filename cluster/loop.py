@@ -74,10 +74,15 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
+    def on_warning(message: str) -> None:
+        print(f"\n{message}\n", file=sys.__stdout__, flush=True)
+        log.tag("warning", "loss_not_falling")
+
     # rgnn.schedule.set_trainable freezes what a stage's forward does not run (fc8 when fc6/fc7
     # is pooled, all but the gate in stage 3), so every trainable parameter gets a gradient.
     hooks = Hooks(wrap=ray.train.torch.prepare_model, report=report,
-                  on_step=log.step if log else None, on_epoch=on_epoch if log else None)
+                  on_step=log.step if log else None, on_epoch=on_epoch if log else None,
+                  on_warning=on_warning if log else lambda message: None)  # rank 0 speaks for all
     final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, hooks)
     if log is not None and final is not None:
         log_final_artifacts(log, model, *final, class_names, val_dir, cfg)

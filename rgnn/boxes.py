@@ -2,15 +2,18 @@
 
 One home for what the readers (ground-truth checks), the proposals (recall), the input pipeline
 (scaling with the image) and the model (area ratio of section 3.2) all need. eq. 8's IoU on
-tensors is torchvision's `ops.box_iou`.
+tensors is torchvision's `ops.box_iou`. Importing this module does not load torch: the sharding
+job's actors use its numpy half and never need torch.
 """
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def scale_boxes(boxes: np.ndarray, sx: float, sy: float, width: int, height: int) -> Tensor:
     """float ndarray[K, 4] -> Tensor[K, 4] scaled by (sx, sy) and clipped to a width x height image."""
+    import torch
+
     b = torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)) * torch.tensor([sx, sy, sx, sy])
     b[:, 0::2].clamp_(0, width)
     b[:, 1::2].clamp_(0, height)

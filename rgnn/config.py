@@ -106,7 +106,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    recipe: str | None = None  # "fine-tune" or "scratch"; default by the backbone's weights (resolve)
     smoke_test: bool = False  # a tiny synthetic run of the whole pipeline
+    chosen: dict = field(default_factory=dict, compare=False, metadata={"internal": True})
 
     @property
     def dataset(self) -> str:
@@ -160,7 +162,7 @@ def _flat_paths(obj, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]
         value = getattr(obj, f.name)
         if is_dataclass(value):
             out.update(_flat_paths(value, prefix + (f.name,)))
-        elif f.name != "num_classes":  # the data's, not a setting
+        elif f.name != "num_classes" and not f.metadata.get("internal"):  # the data's, or resolve()'s record
             out[f.metadata.get("flat", f.name)] = prefix + (f.name,)
     return out
 
@@ -175,38 +177,71 @@ def _path(name: str) -> tuple[str, ...]:
     return _PATHS[name]
 
 
-# The recipes (flat names). The paper's (section 4.2): VGG-16, 10/10/10/20 epochs, Adam lr 1e-4,
-# dropout 0.5, 2 images per step, Fast R-CNN's free-size input and T = 500.
-PAPER_RECIPE = dict(backbone="vgg16", epochs=[10, 10, 10, 20], lr=1e-4, dropout=0.5, batch_size=2,
-                    **dataclasses.asdict(PAPER_INPUT))
-# The small CNN from scratch on the built-in set: a larger rate, light dropout (measured on this set).
-SYNTHETIC_RECIPE = dict(backbone="small", epochs=[4, 4, 2, 4], lr=1e-3, dropout=0.1, batch_size=16,
-                        image_size=192, global_size=128, max_regions=64)
-SMOKE_RECIPE = dict(backbone="small", epochs=[1, 1, 1, 2], lr=1e-3, dropout=0.1, batch_size=8,
-                    image_size=128, global_size=128, max_regions=48)
+# The recipes (flat names), each default decided by what it depends on (issue 12):
+# - the data source: the backbone, its weights and the number of epochs;
+WEIGHTS = ("none", "imagenet", "standin")  # or the path of a state_dict
+PAPER_EPOCHS = [10, 10, 10, 20]  # section 4.2
+BUILTIN_EPOCHS = [4, 4, 2, 4]  # 1200 images on 2 CPU cores (README)
+# - the backbone: its input, batch and dropout. VGG-16 and ResNet-50 take the paper's (Fast R-CNN's
+#   scale, T = 500, 2 images per step, VGG's own dropout 0.5); the small CNN of the built-in set a
+#   192-pixel shorter side, T = 128 (EdgeBoxes finds a box with IoU > 0.5 for 0.97 of the val objects,
+#   0.87 at 64), 16 images per step and dropout 0.1 on its 128-wide fc layers;
+INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
+          "resnet50": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
+          "small": dict(image_size=192, max_size=384, global_size=128, max_regions=128, batch_size=16, dropout=0.1)}
+# - the backbone's initialisation: the learning rate per image. Fine-tuning pretrained weights takes
+#   the paper's (section 4.2: Adam 1e-4 for 2 images), random weights the rate measured to train the
+#   small CNN from scratch (1e-3 for 16 images); both scale linearly with the batch. At the paper's
+#   1e-4 for 2 images, 600 pixels and dropout 0.5 the small CNN from scratch stayed at chance on a
+#   400-image COCO-format set (issue 12).
+LR_PER_IMAGE = {"fine-tune": 1e-4 / 2, "scratch": 1e-3 / 16}
+SMOKE_RECIPE = dict(backbone="small", weights="none", recipe="scratch", epochs=[1, 1, 1, 2], lr=1e-3, dropout=0.1,
+                    batch_size=8, image_size=128, max_size=256, global_size=128, max_regions=48)
 SMOKE_DATA = dict(synthetic_train=48, synthetic_val=24)
 
 
+def recipe_of(weights: str) -> str:
+    """The recipe of a backbone's initialisation: "scratch" for random weights, else "fine-tune"."""
+    return "scratch" if weights == "none" else "fine-tune"
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the None fields with the run's recipe and check every value."""
-    d = cfg.data
+    """Fill the None fields with the run's recipe and check every value.
+
+    The names and values filled in are kept in `cfg.chosen` (printed and logged by the driver).
+    """
+    d, m = cfg.data, cfg.model
     if sum(bool(x) for x in (d.shards, d.coco_root, d.voc_root)) > 1:
         raise ValueError("give at most one of --shards, --coco-root, --voc-root")
-    if cfg.smoke_test:
-        recipe = {**SMOKE_RECIPE, **SMOKE_DATA}
-    elif cfg.dataset in ("coco", "voc", "shards"):
-        recipe = PAPER_RECIPE
-    else:
-        recipe = SYNTHETIC_RECIPE
-    for name, value in recipe.items():
-        if cfg.get(name) is None or name in SMOKE_DATA:
+    chosen = {}
+
+    def default(name: str, value) -> None:
+        if cfg.get(name) is None or (cfg.smoke_test and name in SMOKE_DATA):
             cfg.set(name, value)
+            chosen[name] = value
+
+    if cfg.smoke_test:
+        for name, value in {**SMOKE_RECIPE, **SMOKE_DATA}.items():
+            default(name, value)
+    builtin = cfg.dataset == "synthetic"
+    default("backbone", "small" if builtin else "vgg16")
+    if m.backbone not in INPUTS:
+        raise ValueError(f"backbone={m.backbone!r}: expected one of {BACKBONES}")
+    default("weights", ("standin" if builtin else "none") if m.backbone == "small" else "imagenet")
+    default("epochs", list(BUILTIN_EPOCHS if builtin else PAPER_EPOCHS))
+    for name, value in INPUTS[m.backbone].items():
+        default(name, value)
+    default("recipe", recipe_of(m.weights))
+    if cfg.recipe not in LR_PER_IMAGE:
+        raise ValueError(f"recipe={cfg.recipe!r}: expected one of {tuple(LR_PER_IMAGE)}")
+    default("lr", LR_PER_IMAGE[cfg.recipe] * cfg.schedule.batch_size)
     if cfg.input.max_size is None:
         cfg.input.max_size = cfg.input.image_size * 2
     if d.train_split is None:
         d.train_split = "trainval" if cfg.dataset == "voc" else "train2017"
     if d.val_split is None:
         d.val_split = "test" if cfg.dataset == "voc" else "val2017"
+    cfg.chosen = chosen
     _check(cfg)
     return cfg
 
@@ -285,22 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gate", choices=GATES, help="gate type (default region)")
     m.add_argument("--scales", type=int, choices=SCALES, help="cross-region max pooling scales (default 5)")
     m.add_argument("--pool-layer", choices=POOL_LAYERS, help="layer that is gated and pooled (default softmax)")
-    m.add_argument("--weights", help="'imagenet' (torchvision weights from the local torch cache) or a .pth path; default random init")
+    m.add_argument("--weights", help="'imagenet' (torchvision's file in the local torch cache), 'standin' (the small CNN "
+                                     "pretrained by python -m rgnn.pretrain, built on first use), 'none' (random init) or "
+                                     "a .pth path; default: standin on the built-in set, imagenet for vgg16/resnet50, else none")
+    m.add_argument("--recipe", choices=tuple(LR_PER_IMAGE),
+                   help="the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per 16 "
+                        "images), scaled with the batch; default: fine-tune for pretrained weights, scratch for random")
     s = p.add_argument_group("schedule")
-    s.add_argument("--epochs", type=_epochs, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); paper 10,10,10,20")
-    s.add_argument("--lr", type=float, help="Adam learning rate, all stages (default 1e-4 on real data, 1e-3 on the built-in set)")
-    s.add_argument("--dropout", type=float, help="dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 on real data as VGG, 0.1 on the built-in set)")
+    s.add_argument("--epochs", type=_epochs, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's "
+                                                  "10,10,10,20, on the built-in set 4,4,2,4")
+    s.add_argument("--lr", type=float, help="Adam learning rate, all stages (default: the recipe's, scaled with the batch)")
+    s.add_argument("--dropout", type=float, help="dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 for "
+                                                 "vgg16/resnet50 as VGG's, 0.1 for small)")
     s.add_argument("--lambda-schedule", choices=LAMBDA_FAMILIES, help="how lambda of eq. 9 decays through stage 4 (default linear)")
     s.add_argument("--lambda-start", type=float, help="lambda at the start of stage 4 (default 1)")
     s.add_argument("--lambda-end", type=float, help="lambda at the end of stage 4 (default 0)")
     s.add_argument("--gate-target", choices=GATE_TARGETS,
                    help="eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the paper's bold "
                         "1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each class")
-    s.add_argument("--batch-size", type=int, help="images per worker per step")
+    s.add_argument("--batch-size", type=int, help="images per worker per step (default 2 for vgg16/resnet50, 16 for small)")
     s.add_argument("--image-size", type=int, help="shorter side of the free-size regional input")
     s.add_argument("--max-size", type=int, help="cap on the longer side (default 2x image size)")
     s.add_argument("--global-size", type=int, help="side of the size-normalised stage-1 input")
-    s.add_argument("--max-regions", type=int, help="T: top proposals per image (the whole image is added)")
+    s.add_argument("--max-regions", type=int, help="T: top proposals per image, the whole image added (default 500, small: 128)")
     s.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch, not only after each stage")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     c = p.add_argument_group("cluster and checkpoints")

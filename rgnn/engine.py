@@ -77,7 +77,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         class_aware: eq. 8's class-aware target for feature-level gates.
 
     Returns:
-        the epoch's mean loss_cls, loss_loc, and the last lambda.
+        the epoch's mean loss_cls, loss_loc, the last lambda and the step count.
     """
     model.train()
     sums, steps, lam = {"loss_cls": 0.0, "loss_loc": 0.0}, 0, 0.0
@@ -98,6 +98,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         if on_step is not None:
             on_step(step, {**values, "lambda": lam})
     return {**{k: v / max(steps, 1) for k, v in sums.items()}, "lambda": lam, "steps": steps}
+
+
+@torch.no_grad()
+def batch_loss(model: StageModel, batch: Batch, num_classes: int) -> float:
+    """The stage's loss on one batch in eval mode (no dropout, lambda 0): the same images measured
+    before and after an epoch show whether training moves the loss at all."""
+    model.eval()
+    return stage_losses(model(batch), batch, model.stage, 0.0, num_classes)["loss"].item()
 
 
 @torch.no_grad()

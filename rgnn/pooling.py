@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# section 3.2: the upper edges of the first four area bins; the fifth is (1/4, 1]
-AREA_EDGES = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
+from rgnn.scales import AREA_EDGES
+
 SCALES = (1, 5)
 
 

@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from rgnn.boxes import box_iou
+from rgnn.scales import BIN_NAMES, area_bin
 
 # computeOrientation smooths with the forest's gradientNormalizationRadius, 4 in OpenCV's model.
 ORIENTATION_RADIUS = 4
@@ -287,3 +288,49 @@ def proposal_recall(proposals: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarr
         overlap = box_iou(np.asarray(p).reshape(-1, 4), np.asarray(g).reshape(-1, 4))  # (T_i, G_i)
         hits += int((overlap.max(axis=0, initial=0.0) > iou_threshold).sum())
     return hits / total
+
+
+RECALL_IOUS = (0.5, 0.7)
+
+
+def recall_counts(proposals: np.ndarray, gt_boxes: np.ndarray, width: int, height: int,
+                  ks: Sequence[int]) -> dict[str, list[list[int]]]:
+    """What `recall_summary` adds up, for one image: per top-k and area bin (section 3.2's, by the
+    box's area / image area), [ground-truth boxes, found with IoU > 0.5, found with IoU > 0.7].
+
+    Args:
+        proposals: ndarray[T, 4], best first; gt_boxes: ndarray[G, 4] in the same pixels.
+        ks: how many of the best proposals count (T of training, the whole stored list, ...).
+    """
+    gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    bins = area_bin((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]) / (width * height))  # (G,)
+    overlap = box_iou(np.asarray(proposals, np.float64).reshape(-1, 4), gt)  # (T, G)
+    out = {}
+    for k in ks:
+        best = overlap[:k].max(axis=0, initial=0.0)  # (G,)
+        out[str(k)] = [[int((bins == b).sum()), *(int(((bins == b) & (best > t)).sum()) for t in RECALL_IOUS)]
+                       for b in range(len(BIN_NAMES))]
+    return out
+
+
+def add_counts(total: dict, counts: dict) -> dict:
+    """`recall_counts` summed in place into `total` (same keys); returns `total`."""
+    for k, rows in counts.items():
+        acc = total.setdefault(k, [[0] * len(r) for r in rows])
+        for a, r in zip(acc, rows):
+            a[:] = [x + y for x, y in zip(a, r)]
+    return total
+
+
+def recall_summary(counts: dict) -> dict:
+    """Summed `recall_counts` -> {k: {"objects", "recall@0.5", "recall@0.7", "bins": {bin name: {...}}}}
+    (None where a bin has no object)."""
+    def rates(n: int, hits: list[int]) -> dict:
+        return {"objects": n, **{f"recall@{t}": round(h / n, 4) if n else None for t, h in zip(RECALL_IOUS, hits)}}
+
+    out = {}
+    for k, rows in counts.items():
+        n = sum(r[0] for r in rows)
+        out[k] = {**rates(n, [sum(r[i + 1] for r in rows) for i in range(len(RECALL_IOUS))]),
+                  "bins": {name: rates(r[0], r[1:]) for name, r in zip(BIN_NAMES, rows)}}
+    return out

@@ -65,6 +65,19 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     return run_id
 
 
+def recall_metrics(split: str, recall: dict) -> dict[str, float]:
+    """A shard manifest's `proposal_recall` as MLflow metrics:
+    data/<split>/top<k>/recall_<iou>[/<area bin>] (bins without objects left out)."""
+    out = {}
+    for k, r in recall.items():
+        rows = [("", r)] + [(f"/{name}", b) for name, b in r["bins"].items()]
+        for suffix, row in rows:
+            for key, value in row.items():
+                if key.startswith("recall@") and value is not None:
+                    out[f"data/{split}/top{k}/recall_{key[7:]}{suffix}"] = value
+    return out
+
+
 @contextmanager
 def parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict, state: dict,
                save: Callable[[], None]) -> Iterator["RunLogger"]:

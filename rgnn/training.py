@@ -7,6 +7,7 @@ ablation) call `run_stages` and enter through `Hooks`: `wrap` (DDP), `on_step` a
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,10 +18,15 @@ from torch import nn
 from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
-from rgnn.engine import StageModel, collect_scores, gather_predictions, stage_progress, train_one_epoch
+from rgnn.engine import (StageModel, batch_loss, collect_scores, gather_predictions, stage_progress,
+                         train_one_epoch)
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
+from rgnn.pretrain import pretrained_weights
 from rgnn.schedule import STAGES, set_trainable
+
+log = logging.getLogger(__name__)
+MIN_DROP = 0.02  # a first epoch whose loss falls by less than this (relative) has not learned
 
 
 @dataclass
@@ -47,17 +53,35 @@ class Hooks:
         on_step: after every step: (global step, {"train/loss_cls", "train/loss_loc", "train/lambda", "train/lr"}).
         on_epoch: after every epoch: (state, metrics as `report` gets them, the evaluation or None).
         report: after `on_epoch`, on every rank (Ray Train's report is a barrier): (state, metrics).
+        on_warning: a message the user must see (default: logged as a warning).
     """
 
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
     on_step: Callable[[int, dict], None] | None = None
     on_epoch: Callable[[TrainState, dict, dict | None], None] | None = None
     report: Callable[[TrainState, dict], None] | None = None
+    on_warning: Callable[[str], None] = log.warning
+
+
+def stalled(before: float, after: float) -> bool:
+    """The loss on the same batch fell by less than MIN_DROP (relative) over an epoch."""
+    return after > before * (1 - MIN_DROP)
+
+
+def no_learning_warning(stage: str, before: float, after: float, lr: float, images: int) -> str:
+    return (f"WARNING: the training loss has not fallen in the first epoch of the {stage} stage (on its first batch "
+            f"{before:.3f} before, {after:.3f} after; eq. 6 at chance is 1.386). Likely causes: a learning "
+            f"rate too small for random weights (lr {lr:g}; --recipe scratch uses 1e-3), or too few images "
+            f"({images} per epoch on this rank). See --lr, --recipe and --weights.")
 
 
 def model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
-    """The training config's model with the data's class count."""
-    return dataclasses.replace(cfg.model, num_classes=num_classes)
+    """The training config's model with the data's class count and its weights as the model takes
+    them: "none" is random init, "standin" the file of rgnn.pretrain (built here if missing)."""
+    weights = {"none": None}.get(cfg.model.weights, cfg.model.weights)
+    if weights == "standin":
+        weights = str(pretrained_weights(cfg.data.cache_dir, progress=False))
+    return dataclasses.replace(cfg.model, num_classes=num_classes, weights=weights)
 
 
 def stages_to_run(epochs: list[int], start_stage: str, gated: bool) -> list[str]:
@@ -143,8 +167,16 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                     hooks.on_step(state.global_step + step, {**{f"train/{k}": v for k, v in values.items()},
                                                              "train/lr": optimizer.param_groups[0]["lr"]})
 
+            probe = None
+            if state.global_step == 0 and stage != "gates":  # a fresh run: does its first epoch learn?
+                probe = next(iter(loader)).to(device)
+                before = batch_loss(StageModel(model, stage), probe, len(class_names))
             stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
                                     class_aware=s.gate_target == "class")
+            if probe is not None:
+                after = batch_loss(StageModel(model, stage), probe, len(class_names))
+                if stalled(before, after):
+                    hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size))
             state.global_step += stats["steps"]
             done = epoch + 1 == epochs
             metrics = {"stage": stage, "epoch": epoch + 1, "epochs": epochs, "train/loss_cls": stats["loss_cls"],

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from cluster.ray_setup import init_ray
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord, LabeledSet
-from rgnn.proposals import EdgeBoxes, ProposalParams
+from rgnn.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
 from sharding.writer import remove_stale_temps, write_atomic, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,9 @@ def image_field(data: bytes, path: str) -> str:
     return {"jpeg": "jpg", "": "img"}.get(ext, ext)
 
 
-def make_sample(record: ImageRecord, proposer: Callable) -> dict:
-    """One shard sample (format: rgnn.data.shards) for a record.
+def make_sample(record: ImageRecord, proposer: Callable, recall_at: tuple[int, ...] = ()) -> tuple[dict, dict]:
+    """One shard sample (format: rgnn.data.shards) for a record, and its proposals' `recall_counts`
+    among the best k for each k of `recall_at`.
 
     Raises:
         FileNotFoundError / OSError: the image file cannot be read.
@@ -159,10 +160,11 @@ def make_sample(record: ImageRecord, proposer: Callable) -> dict:
         "gt_boxes": [[*map(float, b), int(c)] for b, c in zip(record.gt_boxes, record.gt_classes)],
         "difficult": [bool(d) for d in record.difficult],
     }
-    return {"__key__": sample_key(record.image_id), image_field(data, record.path): data,
-            "boxes.npy": _npy(np.asarray(boxes, np.float32).reshape(-1, 4)),
-            "scores.npy": _npy(np.asarray(scores, np.float32).reshape(-1)),
-            "json": json.dumps(meta).encode()}
+    sample = {"__key__": sample_key(record.image_id), image_field(data, record.path): data,
+              "boxes.npy": _npy(np.asarray(boxes, np.float32).reshape(-1, 4)),
+              "scores.npy": _npy(np.asarray(scores, np.float32).reshape(-1)),
+              "json": json.dumps(meta).encode()}
+    return sample, recall_counts(boxes, record.gt_boxes, w, h, recall_at)
 
 
 def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
@@ -191,18 +193,23 @@ def write_shard(task: ShardTask, split_dir: str, params: ProposalParams, edge_mo
         report: called with the number of images handled so far (progress).
 
     Returns:
-        the shard's manifest entry {name, samples, sha256, bytes, inputs} plus `skipped`,
-        a list of {image, reason, shard} for the images left out.
+        the shard's manifest entry {name, samples, sha256, bytes, inputs, recall_counts} plus
+        `skipped`, a list of {image, reason, shard} for the images left out. `recall_counts` (summed
+        `rgnn.proposals.recall_counts`) is taken among the best T = max_boxes / 2 proposals (training's
+        T when the shards store 2 T) and among all max_boxes.
     """
     proposer = EdgeBoxes(params, edge_model)
-    skipped, samples = [], 0
+    skipped, samples, counts = [], 0, {}
+    recall_at = tuple(sorted({max(params.max_boxes // 2, 1), params.max_boxes}))
 
     def fill(stream) -> None:
         nonlocal samples
         tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
         for i, record in enumerate(task.records):
             try:
-                _add_sample(tar, make_sample(record, proposer))
+                sample, found = make_sample(record, proposer, recall_at)
+                _add_sample(tar, sample)
+                add_counts(counts, found)
                 samples += 1
             except FileNotFoundError:
                 skipped.append({"image": record.path, "reason": "image file missing", "shard": task.name})
@@ -215,7 +222,7 @@ def write_shard(task: ShardTask, split_dir: str, params: ProposalParams, edge_mo
     for s in skipped:
         log.warning("skipped %s: %s", s["image"], s["reason"])
     return {"name": task.name, "samples": samples, "sha256": sha, "bytes": size, "inputs": task.inputs,
-            "skipped": skipped}
+            "recall_counts": counts, "skipped": skipped}
 
 
 @ray.remote(num_cpus=0)
@@ -314,9 +321,13 @@ class _Manifest:
 
     def write(self) -> None:
         entries = [self.entries[k] for k in sorted(self.entries)]
+        counts = {}
+        for e in entries:
+            add_counts(counts, e.get("recall_counts", {}))
         doc = {**self.head,
                "complete": len(entries) == self.head["shards_planned"],
                "samples": sum(e["samples"] for e in entries),
+               "proposal_recall": recall_summary(counts),
                "shards": [{k: v for k, v in e.items() if k != "skipped"} for e in entries],
                "skipped": self.read_skipped + [s for e in entries for s in e["skipped"]],
                "job": self.job}
@@ -528,6 +539,14 @@ def main(argv: list[str] | None = None) -> None:
     m = _reader().read_manifest(split_dir)
     print(f"{split_dir}: {m['samples']} samples in {len(m['shards'])} shards, {len(m['skipped'])} inputs "
           f"skipped (listed in {_reader().MANIFEST}), {time.time() - t0:.1f} s")
+    print(recall_line(m))
+
+
+def recall_line(manifest: dict) -> str:
+    """The manifest's proposal recall in one line (what training logs to MLflow as data/recall...)."""
+    parts = [f"top {k}: {r['recall@0.5']} at IoU 0.5, {r['recall@0.7']} at 0.7 ({r['objects']} objects)"
+             for k, r in manifest.get("proposal_recall", {}).items() if r["objects"]]
+    return "proposal recall, " + ("; ".join(parts) if parts else "no annotated objects")
 
 
 if __name__ == "__main__":

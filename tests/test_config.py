@@ -88,3 +88,22 @@ def test_gate_target_is_a_setting_checked_against_the_gate():
                  ["--gate", "feature", "--pool-layer", "fc7", "--gate-target", "class"]):
         with pytest.raises(ValueError, match="gate-target class"):
             parse_args(argv)
+
+
+def test_recipe_follows_the_backbone_initialisation_on_any_data():
+    builtin, _ = parse_args([])  # the built-in set: the pretrained stand-in, fine-tuned at the paper's rate per image
+    assert (builtin.model.weights, builtin.recipe, builtin.schedule.batch_size) == ("standin", "fine-tune", 16)
+    assert builtin.schedule.lr == pytest.approx(1e-4 / 2 * 16) and builtin.model.dropout == 0.1
+    assert builtin.input.max_regions == 128 and builtin.chosen["lr"] == builtin.schedule.lr
+    coco, _ = parse_args(["--coco-root", "/data/coco"])  # the paper's setting exactly
+    assert (coco.model.weights, coco.recipe, coco.schedule.lr, coco.schedule.batch_size, coco.model.dropout) == (
+        "imagenet", "fine-tune", 1e-4, 2, 0.5)
+    scratch, _ = parse_args(["--coco-root", "/data/coco", "--backbone", "small"])  # random weights: from scratch
+    assert (scratch.model.weights, scratch.recipe, scratch.schedule.lr, scratch.model.dropout) == ("none", "scratch", 1e-3, 0.1)
+    assert scratch.input.image_size == 192 and scratch.schedule.batch_size == 16  # the small CNN's input
+    half, _ = parse_args(["--weights", "none", "--batch-size", "8"])  # the rate scales with the batch
+    assert half.schedule.lr == pytest.approx(5e-4)
+    mine, _ = parse_args(["--weights", "none", "--lr", "0.01"])  # what the user sets wins; the rest follows
+    assert (mine.recipe, mine.schedule.lr, mine.model.dropout) == ("scratch", 0.01, 0.1) and "lr" not in mine.chosen
+    with pytest.raises(ValueError, match="recipe"):
+        resolve(TrainConfig.from_flat(recipe="adhoc"))

@@ -66,7 +66,7 @@ def test_synthetic_boxes_are_exact():
     for shape in synthetic.SHAPES:
         for size in (12, 31, 80):
             img = np.zeros((120, 140, 3), np.float32)
-            box = synthetic._paint(img, shape, "hstripes", 7, 5, size, rng)
+            box = synthetic.paint(img, shape, "hstripes", 7, 5, size, rng)
             ys, xs = np.nonzero(img.any(axis=2))
             assert box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
@@ -222,3 +222,16 @@ def test_decode_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         decode_image(tmp_path / "nope.jpg")
     assert decode_image(data).shape == (40, 60, 3)
+
+
+def test_glyph_variant_is_another_labelled_set(tmp_path):
+    root = synthetic.generate(tmp_path, train=12, val=4, seed=3, variant="glyphs")
+    labeled = read_coco(root, "train2017")
+    assert labeled.class_names == list(synthetic.GLYPHS)
+    assert all(len(r.gt_boxes) >= 1 for r in labeled.records)  # every image has a glyph
+    for r in labeled.records:
+        image = decode_image(r.path)
+        for x1, y1, x2, y2 in r.gt_boxes:
+            assert 0 <= x1 < x2 <= r.width and 0 <= y1 < y2 <= r.height and image.shape[:2] == (r.height, r.width)
+    with pytest.raises(ValueError, match="variant"):
+        synthetic.generate(tmp_path / "x", 1, 1, variant="letters")

@@ -252,3 +252,19 @@ def test_edge_model_path(forest, scenes):
     np.testing.assert_array_equal(boxes, again[0])
     check_contract(*proposer(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)), *img.shape[:2])
     check_contract(*proposer(np.zeros((5, 7, 3), np.uint8)), 5, 7)
+
+
+def test_recall_counts_by_area_bin_and_summary():
+    from rgnn.proposals import add_counts, recall_counts, recall_summary
+
+    gt = np.array([[0, 0, 10, 10], [0, 0, 60, 60], [50, 50, 100, 100]], np.float32)  # areas 1%, 36%, 25% of 100x100
+    props = np.array([[0, 0, 60, 58], [0, 0, 10, 13], [60, 60, 100, 100]], np.float32)  # best first
+    c = recall_counts(props, gt, 100, 100, (1, 3))
+    # top 1: only the 60x60 box is found (IoU 0.97); top 3: the 10x10 box too (IoU 0.77), the last not (0.64)
+    assert c["1"] == [[1, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]]
+    assert c["3"] == [[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 0], [1, 1, 1]]
+    total = add_counts(add_counts({}, c), c)  # two such images
+    s = recall_summary(total)
+    assert s["3"]["objects"] == 6 and s["3"]["recall@0.5"] == pytest.approx(1.0) and s["3"]["recall@0.7"] == pytest.approx(4 / 6, abs=1e-4)
+    assert s["1"]["bins"]["<=1/32"] == {"objects": 2, "recall@0.5": 0.0, "recall@0.7": 0.0}
+    assert s["1"]["bins"]["1/32-1/16"]["recall@0.5"] is None  # no object of that size

@@ -99,6 +99,13 @@ def test_manifest_and_format(built):
             assert meta["difficult"] == rec.difficult.tolist()
     assert seen == [str(r.image_id) for r in labeled.records]  # every image once, in plan order
     shards.verify_shards(split_dir)
+    # the proposals' recall, among training's T (half of what is stored) and among all stored
+    recall = m["proposal_recall"]
+    assert set(recall) == {str(MAX_BOXES // 2), str(MAX_BOXES)}
+    objects = sum(len(r.gt_boxes) for r in labeled.records)
+    assert all(r["objects"] == objects == sum(b["objects"] for b in r["bins"].values()) for r in recall.values())
+    half, full = recall[str(MAX_BOXES // 2)], recall[str(MAX_BOXES)]
+    assert 0 < half["recall@0.5"] <= full["recall@0.5"] <= 1 and full["recall@0.7"] <= full["recall@0.5"]
 
 
 def test_batch_contents(built):

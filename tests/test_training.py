@@ -29,8 +29,8 @@ def shard_root(synthetic_root, tmp_path_factory):
 
 
 def tiny_cfg(shard_root, **kw) -> TrainConfig:
-    return resolve(TrainConfig.from_flat(shards=str(shard_root), smoke_test=True, max_regions=8, image_size=96,
-                                         global_size=64, batch_size=6, **kw))
+    return resolve(TrainConfig.from_flat({"shards": str(shard_root), "smoke_test": True, "max_regions": 8, "image_size": 96,
+                                          "global_size": 64, "batch_size": 6, **kw}))
 
 
 def test_run_stages_reports_every_epoch_and_evaluates_each_stage(shard_root):
@@ -84,3 +84,27 @@ def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="differ"):
         fit(cfg)
+
+
+def test_a_loss_that_does_not_fall_is_named_loudly():
+    from rgnn.training import no_learning_warning, stalled
+
+    assert stalled(1.39, 1.38) and stalled(1.39, 1.45) and not stalled(1.39, 1.30)
+    text = no_learning_warning("global", 1.38, 1.37, 1e-4, 400)
+    assert "lr 0.0001" in text and "--recipe scratch" in text and "400 per epoch" in text
+
+
+def test_run_stages_warns_when_the_rate_cannot_move_the_loss(shard_root):
+    cfg = tiny_cfg(shard_root, epochs=[3, 0, 0, 0], lr=1e-9, batch_size=2)  # a rate that changes nothing
+    names = shards.class_names(shard_root / "train2017")
+    warnings = []
+    torch.manual_seed(0)
+    run_stages(cfg, RGNN(model_config(cfg, len(names))), names, shard_root / "train2017", shard_root / "val2017",
+               torch.device("cpu"), hooks=Hooks(on_warning=warnings.append))
+    assert len(warnings) == 1 and "has not fallen in the first epoch of the global stage" in warnings[0]
+    warnings.clear()
+    cfg = tiny_cfg(shard_root, epochs=[1, 0, 0, 0], lr=1e-2, batch_size=1)  # moves a fresh net in 24 steps
+    torch.manual_seed(0)
+    run_stages(cfg, RGNN(model_config(cfg, len(names))), names, shard_root / "train2017", shard_root / "val2017",
+               torch.device("cpu"), hooks=Hooks(on_warning=warnings.append))
+    assert warnings == []

@@ -30,8 +30,12 @@ STRIPE_PERIOD = 3
 SPLITS = {"train2017": 1, "val2017": 2}
 
 
-def _shape_mask(shape: str, size: int) -> np.ndarray:
-    """uint8 [size, size] mask of one shape filling its square."""
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """uint8 [size, size] mask of one shape filling its square.
+
+    `SHAPES` and the clutter's "ellipse" and "ring" draw the built-in set; "star", "frame" and
+    "lshape" widen the label space of the pretraining crops (rgnn/pretrain.py).
+    """
     m = np.zeros((size, size), np.uint8)
     s = size - 1
     if shape == "disc":
@@ -50,22 +54,45 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
         cv2.ellipse(m, (size // 2, size // 2), (size // 2, size // 4), 30, 0, 360, 1, -1)
     elif shape == "ring":
         cv2.circle(m, (size // 2, size // 2), size // 2 - 1, 1, max(size // 8, 1))
+    elif shape == "star":  # 5 points up, inner radius 0.45 of the outer
+        angle = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radius = np.where(np.arange(10) % 2, 0.45, 1.0) * s / 2
+        poly = np.stack([s / 2 + radius * np.cos(angle), s / 2 + radius * np.sin(angle)], 1)
+        cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
+    elif shape == "frame":  # a hollow square, sides a quarter of the size thick
+        t = max(size // 4, 2)
+        m[:] = 1
+        m[t:size - t, t:size - t] = 0
+    elif shape == "lshape":
+        t = max(2 * size // 5, 2)
+        m[:, :t] = 1
+        m[size - t:, :] = 1
+    else:
+        raise ValueError(f"shape={shape!r}: not a shape this module draws")
     return m
 
 
-def _texture(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 [size, size] in {0, 1}: which of the object's two tones each pixel takes."""
+def texture(pattern: str, size: int, period: int = STRIPE_PERIOD) -> np.ndarray:
+    """float32 [size, size] in {0, 1}: which of the object's two tones each pixel takes.
+
+    `pattern` is "hstripes", "vstripes", "dstripes" (diagonal), "checker" or "solid"; stripes
+    and checker squares are `period` pixels wide.
+    """
     yy, xx = np.mgrid[:size, :size]
     if pattern == "hstripes":
-        return ((yy // STRIPE_PERIOD) % 2).astype(np.float32)
+        return ((yy // period) % 2).astype(np.float32)
     if pattern == "vstripes":
-        return ((xx // STRIPE_PERIOD) % 2).astype(np.float32)
+        return ((xx // period) % 2).astype(np.float32)
+    if pattern == "dstripes":
+        return (((yy + xx) // period) % 2).astype(np.float32)
     if pattern == "checker":
-        return (((yy // STRIPE_PERIOD) + (xx // STRIPE_PERIOD)) % 2).astype(np.float32)
-    return np.ones((size, size), np.float32)  # solid
+        return (((yy // period) + (xx // period)) % 2).astype(np.float32)
+    if pattern == "solid":
+        return np.ones((size, size), np.float32)
+    raise ValueError(f"pattern={pattern!r}: expected hstripes, vstripes, dstripes, checker or solid")
 
 
-def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """float32 [h, w, 3]: a smooth colour gradient with noise."""
     c0, c1 = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
     t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
@@ -83,11 +110,15 @@ def _place(size: int, w: int, h: int, taken: list, rng: np.random.Generator):
     return None
 
 
-def _paint(img: np.ndarray, shape: str, pattern: str, x: int, y: int, size: int,
-           rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """Paint one object; returns the exact extent of its painted pixels (x1, y1, x2, y2)."""
-    mask = _shape_mask(shape, size).astype(bool)
-    tone = _texture(pattern, size, rng)[..., None]
+def paint(img: np.ndarray, shape: str, pattern: str, x: int, y: int, size: int,
+          rng: np.random.Generator, period: int = STRIPE_PERIOD) -> tuple[int, int, int, int]:
+    """Paint one object (random light tone, dark tone a fraction of it) into float32 `img`[H, W, 3].
+
+    The size x size square at (x, y) must lie inside `img`. Returns the exact extent of the
+    painted pixels (x1, y1, x2, y2).
+    """
+    mask = shape_mask(shape, size).astype(bool)
+    tone = texture(pattern, size, period)[..., None]
     light = rng.uniform(150, 255, 3)
     dark = light * rng.uniform(0.15, 0.4)
     patch = dark + (light - dark) * tone
@@ -97,44 +128,96 @@ def _paint(img: np.ndarray, shape: str, pattern: str, x: int, y: int, size: int,
     return x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1
 
 
+def _canvas(rng: np.random.Generator) -> np.ndarray:
+    """A float32 [H, W, 3] backdrop of random size (W 128-320, aspect 0.6-1.5)."""
+    w = int(rng.integers(128, 321))
+    h = int(np.clip(w * rng.uniform(0.6, 1.5), 96, 360))
+    return background(h, w, rng).copy()
+
+
+def _layout(img: np.ndarray, n_objects: int, n_clutter: int, areas: tuple[float, float], min_side: int,
+            rng: np.random.Generator):
+    """Yield (kind, (x, y), side) for "object" and "clutter" squares in random order, sides log-uniform
+    in `areas` (fractions of the image area), none overlapping; a square with no free spot is left out."""
+    h, w = img.shape[:2]
+    kinds = ["object"] * n_objects + ["clutter"] * n_clutter
+    rng.shuffle(kinds)
+    taken = []
+    for kind in kinds:
+        frac = np.exp(rng.uniform(np.log(areas[0]), np.log(areas[1])))
+        size = int(np.clip(np.sqrt(frac * w * h), min_side, min(w, h) - 1))
+        spot = _place(size, w, h, taken, rng)
+        if spot is None:
+            continue
+        taken.append((*spot, size))
+        yield kind, spot, size
+
+
 def make_image(rng: np.random.Generator):
     """One synthetic image with its objects.
 
     Returns:
         (uint8 ndarray[H, W, 3] RGB, list of (class index, [x1, y1, x2, y2])).
     """
-    w = int(rng.integers(128, 321))
-    h = int(np.clip(w * rng.uniform(0.6, 1.5), 96, 360))
-    img = _background(h, w, rng).copy()
-    taken, objects = [], []
+    img = _canvas(rng)
+    objects = []
     n_objects = int(rng.choice(6, p=[0.05, 0.25, 0.25, 0.2, 0.15, 0.1]))
-    n_clutter = int(rng.integers(1, 4))
-    kinds = ["object"] * n_objects + ["clutter"] * n_clutter
-    rng.shuffle(kinds)
-    for kind in kinds:
-        # log-uniform side: areas from ~1/60 of the image to ~1/2
-        frac = np.exp(rng.uniform(np.log(1 / 60), np.log(1 / 2)))
-        size = int(np.clip(np.sqrt(frac * w * h), 12, min(w, h) - 1))
-        spot = _place(size, w, h, taken, rng)
-        if spot is None:
-            continue
-        taken.append((*spot, size))
+    # log-uniform side: areas from ~1/60 of the image to ~1/2
+    for kind, spot, size in _layout(img, n_objects, int(rng.integers(1, 4)), (1 / 60, 1 / 2), 12, rng):
         if kind == "object":
             c = int(rng.integers(len(CLASS_NAMES)))
             shape, pattern = SHAPES[c // len(PATTERNS)], PATTERNS[c % len(PATTERNS)]
-            objects.append((c, list(_paint(img, shape, pattern, *spot, size, rng))))
+            objects.append((c, list(paint(img, shape, pattern, *spot, size, rng))))
         else:
             shape = str(rng.choice(SHAPES + ("ellipse", "ring")))
-            _paint(img, shape, str(rng.choice(["solid", "checker"])), *spot, size, rng)
+            paint(img, shape, str(rng.choice(["solid", "checker"])), *spot, size, rng)
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def _write_split(out: Path, split: str, n: int, seed: int) -> None:
+# A second set for checking a recipe on data the project was not tuned on (issue 12): glyphs instead
+# of striped shapes, solid colours, the same backdrop and size range, solid shapes as clutter.
+GLYPHS = ("A", "E", "K", "R", "X", "Z", "3", "7")
+
+
+def _glyph_mask(glyph: str, size: int) -> np.ndarray:
+    """uint8 [size, size] mask of one glyph (OpenCV's Hershey simplex font) filling most of its square."""
+    font, thick = cv2.FONT_HERSHEY_SIMPLEX, max(size // 8, 1)
+    (w, h), base = cv2.getTextSize(glyph, font, 1.0, thick)
+    scale = 0.9 * size / max(w, h + base)
+    (w, h), base = cv2.getTextSize(glyph, font, scale, thick)
+    m = np.zeros((size, size), np.uint8)
+    cv2.putText(m, glyph, ((size - w) // 2, (size + h) // 2), font, scale, 1, thick, cv2.LINE_8)
+    return m
+
+
+def make_glyph_image(rng: np.random.Generator):
+    """One image of the glyph set: (uint8 ndarray[H, W, 3] RGB, list of (class index, [x1, y1, x2, y2]))."""
+    img = _canvas(rng)
+    objects = []
+    n_objects = int(rng.integers(1, 5))
+    for kind, spot, size in _layout(img, n_objects, int(rng.integers(1, 4)), (1 / 40, 1 / 3), 16, rng):
+        if kind == "clutter":
+            paint(img, str(rng.choice(["disc", "square", "ring"])), "solid", *spot, size, rng)
+            continue
+        c = int(rng.integers(len(GLYPHS)))
+        mask = _glyph_mask(GLYPHS[c], size).astype(bool)
+        x, y = spot
+        img[y:y + size, x:x + size][mask] = rng.uniform(0, 255, 3)
+        ys, xs = np.nonzero(mask)
+        objects.append((c, [x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1]))
+    return np.clip(img, 0, 255).astype(np.uint8), objects
+
+
+VARIANTS = {"shapes": (make_image, CLASS_NAMES), "glyphs": (make_glyph_image, list(GLYPHS))}
+
+
+def _write_split(out: Path, split: str, n: int, seed: int, variant: str = "shapes") -> None:
+    make, class_names = VARIANTS[variant]
     (out / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, SPLITS[split], i])
-        img, objects = make_image(rng)
+        img, objects = make(rng)
         image_id = SPLITS[split] * 1_000_000 + i
         name = f"{image_id:012d}.jpg"
         ok, jpg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -148,10 +231,10 @@ def _write_split(out: Path, split: str, n: int, seed: int) -> None:
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
             })
     doc = {
-        "info": {"description": f"RGNN built-in synthetic set, seed {seed}"},
+        "info": {"description": f"RGNN built-in synthetic set ({variant}), seed {seed}"},
         "images": images, "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": "shape"}
-                       for cid, name in zip(CATEGORY_IDS, CLASS_NAMES)],
+        "categories": [{"id": cid, "name": name, "supercategory": variant}
+                       for cid, name in zip(CATEGORY_IDS, class_names)],
     }
     ann = out / "annotations" / f"instances_{split}.json"
     ann.parent.mkdir(parents=True, exist_ok=True)
@@ -160,13 +243,16 @@ def _write_split(out: Path, split: str, n: int, seed: int) -> None:
     os.replace(tmp, ann)  # the annotation file appears last and whole: its presence marks a done split
 
 
-def generate(out_dir: str | Path, train: int = 200, val: int = 50, seed: int = 0) -> Path:
-    """Write the synthetic set in COCO 2017 layout under `out_dir`; returns `out_dir`."""
+def generate(out_dir: str | Path, train: int = 200, val: int = 50, seed: int = 0, variant: str = "shapes") -> Path:
+    """Write the synthetic set (`variant` "shapes", the built-in one, or "glyphs") in COCO 2017 layout
+    under `out_dir`; returns `out_dir`."""
     if train < 0 or val < 0:
         raise ValueError(f"image counts must be >= 0, got train={train} val={val}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {tuple(VARIANTS)}")
     out = Path(out_dir)
     for split, n in (("train2017", train), ("val2017", val)):
-        _write_split(out, split, n, seed)
+        _write_split(out, split, n, seed, variant)
     return out
 
 
@@ -177,8 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=200, help="number of training images (default 200)")
     p.add_argument("--val", type=int, default=50, help="number of validation images (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="shapes",
+                   help="shapes: the built-in set; glyphs: 8 letter and digit classes, solid colours (default shapes)")
     a = p.parse_args(argv)
-    out = generate(a.out, a.train, a.val, a.seed)
+    out = generate(a.out, a.train, a.val, a.seed, a.variant)
     print(f"wrote {a.train} train + {a.val} val images to {out}")
 
 

@@ -259,3 +259,30 @@ def test_class_gates_picks_what_figure_3_draws():
         class_gates(per_class[:, 0], names, "a")
     with pytest.raises(ValueError, match="fc6/fc7"):
         class_gates(np.ones((2, 7), np.float32), names, "a")
+
+
+class _Payload:
+    """A pickle that would create a file when loaded with plain pickle (or weights_only=False)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("module", sorted(MAINS))
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(module, trained, synthetic_root, tmp_path):
+    victim = tmp_path / "pwned"
+    payload = {"model": {}, "model_config": {"num_classes": 10}, "class_names": ["a"], "x": _Payload(victim)}
+    (tmp_path / "evil").mkdir()
+    torch.save(payload, tmp_path / "evil" / "checkpoint.pt")
+    image = str(sorted((synthetic_root / "val2017").glob("*.jpg"))[0])
+    args = {"rgnn.predict": [image, "--out", str(tmp_path / "p.json")], "rgnn.evaluate": ["--coco-root", str(synthetic_root)],
+            "rgnn.visualize": [image, "--out", str(tmp_path / "f.png")]}[module]
+    with pytest.raises(SystemExit, match="not a safe RGNN checkpoint"):
+        MAINS[module](["--checkpoint", str(tmp_path / "evil"), *args])
+    assert not victim.exists()
+    with pytest.raises(ValueError, match="not a safe RGNN checkpoint"):
+        load_checkpoint(tmp_path / "evil")
+    assert not victim.exists()

@@ -20,7 +20,7 @@ from cluster.data import prepare_shards
 from cluster.loop import train_loop_per_worker
 from cluster.ray_setup import init_ray
 from rgnn.checkpoint import check_classes, checkpoint_classes, resolve_checkpoint, write_json, write_text
-from rgnn.config import TrainConfig, parse_args
+from rgnn.config import TrainConfig, parse_args, redact
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
 from rgnn.pretrain import pretrained_weights
@@ -121,7 +121,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
                "checkpoint": str(Path(result.checkpoint.path) / "checkpoint.pt") if result.checkpoint else None,
                "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
-               "tracking_uri": uri, "experiment": cfg.tracking.experiment}
+               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment}
     if summary_path:
         write_json(summary_path, summary)
     return summary

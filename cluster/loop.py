@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(tmp, model, class_names, cfg.to_flat(), state=state.to_dict(),
+                save_checkpoint(tmp, model, class_names, cfg.to_flat(redacted=True), state=state.to_dict(),
                                 lambda_schedule=dataclasses.asdict(cfg.schedule.lambdas))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -26,7 +26,7 @@ def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, c
     """config.json, the per-class AP table (markdown, CSV), PR curves, gate pictures, the model."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_flat(redacted=True), indent=2))
         table = ap_table({f"RGNN ({stage})": result["ap"]}, class_names)
         (tmp / "per_class_ap.md").write_text(to_markdown(table))
         (tmp / "per_class_ap.csv").write_text(to_csv(table))
@@ -35,7 +35,7 @@ def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, c
             log.artifact(tmp / name)
         if model.gate is not None and stage in ("gates", "joint"):
             log.artifact(gate_pictures(model, val_dir, cfg.input, tmp / "gates"), "gates")
-        log.artifact(save_checkpoint(tmp / "model", model, class_names, cfg.to_flat(), stage=stage), "model")
+        log.artifact(save_checkpoint(tmp / "model", model, class_names, cfg.to_flat(redacted=True), stage=stage), "model")
     for name, a in zip(class_names, result["ap"]):
         if not np.isnan(a):
             log.metric(f"val/AP/{name}", a, 0)

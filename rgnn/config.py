@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
@@ -131,9 +133,15 @@ class TrainConfig:
             value = tuple(value)  # JSON and YAML give lists where the dataclass keeps tuples
         setattr(obj, last, value)
 
-    def to_flat(self) -> dict:
-        """{flat name: value} of every field (JSON-ready: what config files and Ray carry)."""
-        return {name: _plain(self.get(name)) for name in FLAT_NAMES}
+    def to_flat(self, redacted: bool = False) -> dict:
+        """{flat name: value} of every field (JSON-ready: what config files and Ray carry).
+
+        Args:
+            redacted: credentials in URIs replaced by *** (`redact`): for everything written or logged.
+                The real values stay in memory only (Ray's train_loop_config).
+        """
+        return {name: redact(v) if redacted and isinstance(v := _plain(self.get(name)), str) else _plain(self.get(name))
+                for name in FLAT_NAMES}
 
     @classmethod
     def from_flat(cls, values: dict | None = None, **more) -> "TrainConfig":
@@ -144,12 +152,36 @@ class TrainConfig:
         return cfg
 
     def flat(self) -> dict[str, str]:
-        """Flat string params for MLflow (lists and dicts as JSON)."""
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_flat().items()}
+        """Flat string params for MLflow (lists and dicts as JSON), credentials redacted."""
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_flat(redacted=True).items()}
 
     def copy(self, **changes) -> "TrainConfig":
         """A deep copy with flat-named changes."""
         return TrainConfig.from_flat({**self.to_flat(), **changes})
+
+
+SECRET_KEYS = re.compile(r"pass|secret|token|key|sig|cred|auth", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """A URI with its user info and secret-looking query values (password, token, signature, key, ...)
+    replaced by ***: `s3://KEY:SECRET@host/b` -> `s3://***@host/b`. Anything else is returned as it is."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        query = urlencode([(k, "***" if SECRET_KEYS.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)],
+                          safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return text  # nothing secret (urlunsplit would also rewrite sqlite:////abs as sqlite://abs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _plain(value):

@@ -15,6 +15,8 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from rgnn.config import redact
+
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory.
@@ -38,7 +40,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
             r.read()
     except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"MLflow tracking server {uri} cannot be reached ({e}); "
+        raise ConnectionError(f"MLflow tracking server {redact(uri)} cannot be reached ({redact(str(e))}); "
                               "start it (mlflow server ...) or pass another --tracking-uri") from None
 
 

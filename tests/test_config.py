@@ -107,3 +107,24 @@ def test_recipe_follows_the_backbone_initialisation_on_any_data():
     assert (mine.recipe, mine.schedule.lr, mine.model.dropout) == ("scratch", 0.01, 0.1) and "lr" not in mine.chosen
     with pytest.raises(ValueError, match="recipe"):
         resolve(TrainConfig.from_flat(recipe="adhoc"))
+
+def test_credentials_never_reach_params_or_files():
+    secret_uris = {"tracking_uri": "postgresql://alice:hunter2@db:5432/mlflow",
+                   "storage": "s3://AKIAKEY:wJalrSECRET@minio:9000/runs?token=tok123",
+                   "init_checkpoint": "https://h/ckpt.pt?X-Amz-Signature=sig456&v=1"}
+    cfg = TrainConfig.from_flat(secret_uris)
+    for text in (json.dumps(cfg.flat()), json.dumps(cfg.to_flat(redacted=True))):
+        for secret in ("alice", "hunter2", "AKIAKEY", "wJalrSECRET", "tok123", "sig456"):
+            assert secret not in text
+        assert "db:5432/mlflow" in text and "minio:9000/runs" in text and "v=1" in text  # the rest is kept
+    assert cfg.to_flat()["storage"] == secret_uris["storage"]  # in memory: the real value
+    from rgnn.config import redact
+    assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and redact("runs") == "runs"
+
+
+def test_unreachable_server_error_hides_the_password():
+    from rgnn.tracking import check_reachable
+
+    with pytest.raises(ConnectionError) as e:
+        check_reachable("http://bob:pa55word@127.0.0.1:9/", timeout=1)
+    assert "pa55word" not in str(e.value) and "127.0.0.1:9" in str(e.value)

@@ -23,7 +23,7 @@ from cluster.data import prepare_shards
 from cluster.driver import fit, mlflow_run_id, resolve_storage
 from cluster.ray_setup import init_ray
 from rgnn.checkpoint import write_json
-from rgnn.config import TrainConfig, build_parser, config_from_args, resolve
+from rgnn.config import TrainConfig, build_parser, config_from_args, redact, resolve
 from rgnn.tracking import parent_run, resolve_tracking_uri
 from tune.plots import plot_trials
 from tune.space import apply, load_space, shares_stages, to_tune
@@ -181,7 +181,7 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, log) -> dict:
     if not rows:
         raise SystemExit(f"no trial reported {METRIC}; see the errors above and in {out / 'ray_tune'}")
     best = max(rows, key=lambda r: r["val_map"])
-    best_cfg = apply(base.copy(), best["params"]).to_flat()
+    best_cfg = apply(base.copy(), best["params"]).to_flat(redacted=True)
     for k in RUNTIME_FIELDS:
         best_cfg.pop(k)
     write_json(out / "best_config.json", best_cfg)
@@ -193,8 +193,8 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, log) -> dict:
     log.metric("best/val_mAP", best["val_map"], 0)
     print(f"\n{len(rows)} trials; best val mAP {best['val_map']:.4f} with {best['params']}")
     print(f"best config: {out / 'best_config.json'}  (python cluster/train_coco.py --config {out / 'best_config.json'})")
-    print(f"MLflow parent run {log.run_id} at {base.tracking.tracking_uri}: "
-          f"mlflow ui --backend-store-uri {base.tracking.tracking_uri}")
+    uri = redact(base.tracking.tracking_uri)
+    print(f"MLflow parent run {log.run_id} at {uri}: mlflow ui --backend-store-uri {uri}")
     return {"parent_run_id": log.run_id, "best": best, "trials": rows}
 
 

@@ -82,6 +82,9 @@ class ProposalParams:
     edge_sigma: float = 2.0  # Gaussian blur before the gradient, px
     edge_scale: float = 30.0  # gradient (grey levels per px) at which the edge map is 1 - 1/e
     nms_radius: int = 1  # px along the normal within which an edge pixel must be the maximum
+    # EdgeBoxes runs on the image shrunk to this longer side (the paper's input cap, Fast R-CNN's 1000),
+    # boxes mapped back: time and memory per image stay bounded whatever the file's size (issue 13)
+    max_side: int = 1000
 
     def __post_init__(self):
         # plain Python numbers, so that to_dict() serialises to JSON whatever numpy types came in
@@ -93,7 +96,7 @@ class ProposalParams:
             object.__setattr__(self, f.name, int(v) if integral else float(v))
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"ProposalParams.alpha={self.alpha!r}: expected a value in (0, 1)")
-        for name, low in (("max_boxes", 1), ("nms_radius", 0)):
+        for name, low in (("max_boxes", 1), ("nms_radius", 0), ("max_side", 16)):
             if getattr(self, name) < low:
                 raise ValueError(f"ProposalParams.{name}={getattr(self, name)!r}: expected >= {low}")
         for name in ("beta", "eta"):
@@ -234,6 +237,16 @@ class EdgeBoxes:
             raise ValueError(f"image: expected a uint8 ndarray, got {getattr(image, 'dtype', type(image).__name__)}")
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or 0 in image.shape:
             raise ValueError(f"image: expected shape [H, W, 3] or [H, W] with H, W > 0, got {list(image.shape)}")
+        H, W = image.shape[:2]
+        scale = min(self.params.max_side / max(H, W), 1.0)
+        if scale == 1.0:
+            return self._search(image)
+        small = cv2.resize(image, (max(round(W * scale), 1), max(round(H * scale), 1)), interpolation=cv2.INTER_AREA)
+        boxes, scores = self._search(small)
+        return np.clip(boxes / np.float32(scale), 0, np.array([W, H, W, H], np.float32)), scores
+
+    def _search(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`__call__` on an image no larger than max_side."""
         H, W = image.shape[:2]
         p = self.params
         # A fresh cv2 object per image: one that has searched an image before starts the next with

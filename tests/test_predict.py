@@ -286,3 +286,16 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(module, tr
     with pytest.raises(ValueError, match="not a safe RGNN checkpoint"):
         load_checkpoint(tmp_path / "evil")
     assert not victim.exists()
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_with_its_reason(trained, synthetic_root, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("L", (20000, 20000)).save(folder / "huge.png")  # 400 Mpx in its header, a few KB on disk
+    shutil.copy(sorted((synthetic_root / "val2017").glob("*.jpg"))[0], folder / "ok.jpg")
+    result = predict_main(["--checkpoint", str(trained / "ckpt"), str(folder), "--out", str(tmp_path / "p.json")])
+    assert [p["file"].split("/")[-1] for p in result["predictions"]] == ["ok.jpg"]  # the rest goes on
+    (skipped,) = result["skipped"]
+    assert skipped["file"].endswith("huge.png") and "pixel limit" in skipped["reason"]

@@ -268,3 +268,16 @@ def test_recall_counts_by_area_bin_and_summary():
     assert s["3"]["objects"] == 6 and s["3"]["recall@0.5"] == pytest.approx(1.0) and s["3"]["recall@0.7"] == pytest.approx(4 / 6, abs=1e-4)
     assert s["1"]["bins"]["<=1/32"] == {"objects": 2, "recall@0.5": 0.0, "recall@0.7": 0.0}
     assert s["1"]["bins"]["1/32-1/16"]["recall@0.5"] is None  # no object of that size
+
+
+def test_large_images_are_searched_at_a_bounded_size():
+    """EdgeBoxes runs on the image shrunk to max_side (issue 13): a 4x upscaled copy of an image gets the
+    original's boxes scaled by 4, and the search's cost does not grow with the file's size."""
+    img = draw_scene(3)[0]  # 200 x 150
+    big = cv2.resize(img, (800, 600), interpolation=cv2.INTER_NEAREST)
+    small_boxes, small_scores = EdgeBoxes(ProposalParams(max_side=200))(img)
+    big_boxes, big_scores = EdgeBoxes(ProposalParams(max_side=200))(big)
+    assert len(big_boxes) == len(small_boxes) > 0
+    np.testing.assert_allclose(big_boxes, 4 * small_boxes, atol=4.0)
+    np.testing.assert_allclose(big_scores, small_scores, rtol=1e-5)
+    assert big_boxes[:, 2].max() <= 800 and big_boxes[:, 3].max() <= 600

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+# Images above this many pixels are refused before they are decoded (a 20000 x 20000 PNG header
+# would ask for 1.2 GB): the image is skipped with its reason. A 10000 x 10000 photo (1e8) passes.
+MAX_PIXELS = int(os.environ.get("RGNN_MAX_PIXELS", 120_000_000))
 
 
 def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarray:
@@ -33,9 +39,16 @@ def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarra
             raise FileNotFoundError(f"image file not found: {name}") from None
     name = name or "<bytes>"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} (RGNN_MAX_PIXELS)")
+                im.load()
+                return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # PIL's own limit, above ours
+        raise ValueError(f"cannot decode image {name}: over the pixel limit of {MAX_PIXELS} (RGNN_MAX_PIXELS): {e}") from None
     except UnidentifiedImageError:  # PIL's message would name its in-memory buffer, not the input
         raise ValueError(f"cannot decode image {name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -235,3 +235,25 @@ def test_glyph_variant_is_another_labelled_set(tmp_path):
             assert 0 <= x1 < x2 <= r.width and 0 <= y1 < y2 <= r.height and image.shape[:2] == (r.height, r.width)
     with pytest.raises(ValueError, match="variant"):
         synthetic.generate(tmp_path / "x", 1, 1, variant="letters")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "animated"])
+def test_every_image_mode_decodes_to_its_8_bit_rgb(mode, tmp_path):
+    from PIL import Image
+
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # (8, 64) a ramp from 0 to 252
+    fmt = "TIFF" if mode == "CMYK" else "GIF" if mode in ("P", "animated") else "PNG"
+    path = tmp_path / f"x.{fmt.lower()}"
+    if mode == "I;16":
+        Image.fromarray(grey.astype(np.uint16) * 257).save(path)  # 16-bit: the same ramp, full range
+    elif mode == "animated":
+        frames = [Image.fromarray(grey).convert("P"), Image.fromarray(255 - grey).convert("P")]
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+    else:
+        Image.fromarray(grey).convert(mode).save(path, fmt)
+    rgb = decode_image(path)
+    assert rgb.shape == (8, 64, 3) and rgb.dtype == np.uint8
+    if mode == "CMYK":  # CMYK -> RGB is PIL's naive inversion: grey stays ordered, not exact
+        assert (np.diff(rgb[0, :, 0].astype(int)) >= 0).all() and rgb[0, -1, 0] > rgb[0, 0, 0] + 200
+    else:
+        np.testing.assert_allclose(rgb[..., 0], grey, atol=2)  # the first frame, never all white

@@ -17,8 +17,10 @@ MAX_PIXELS = int(os.environ.get("RGNN_MAX_PIXELS", 120_000_000))
 def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarray:
     """Decode a JPEG/PNG/... file or its bytes to RGB.
 
-    Grayscale, palette and RGBA images become RGB. A truncated or corrupt file is an error, not a
-    half-grey picture: PIL raises on truncation where OpenCV only warns.
+    Grayscale (8- and 16-bit: 16-bit values are scaled to 8, not clipped), palette, RGBA, CMYK and
+    grey+alpha images become RGB; an animated file gives its first frame. A truncated or corrupt file
+    is an error, not a half-grey picture: PIL raises on truncation where OpenCV only warns. An image
+    over MAX_PIXELS is refused from its header, before it is decoded.
 
     Args:
         data: the encoded bytes, or a path to read them from.
@@ -46,6 +48,10 @@ def decode_image(data: bytes | str | Path, name: str | None = None) -> np.ndarra
                 if w * h > MAX_PIXELS:
                     raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} (RGNN_MAX_PIXELS)")
                 im.load()
+                if im.mode.startswith("I"):  # 16- or 32-bit integer grey: convert("RGB") would clip it to white
+                    grey = np.asarray(im, np.float64)
+                    grey = grey / 257 if im.mode.startswith("I;16") or grey.max(initial=0) > 255 else grey
+                    return np.repeat(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
                 return np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as e:  # PIL's own limit, above ours
         raise ValueError(f"cannot decode image {name}: over the pixel limit of {MAX_PIXELS} (RGNN_MAX_PIXELS): {e}") from None

@@ -257,3 +257,47 @@ def test_every_image_mode_decodes_to_its_8_bit_rgb(mode, tmp_path):
         assert (np.diff(rgb[0, :, 0].astype(int)) >= 0).all() and rgb[0, -1, 0] > rgb[0, 0, 0] + 200
     else:
         np.testing.assert_allclose(rgb[..., 0], grey, atol=2)  # the first frame, never all white
+
+
+def _coco_doc(tmp_path, edit):
+    """A valid 2-image COCO file under tmp_path, changed by `edit(doc)`."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        cv2.imwrite(str(root / "val2017" / name), np.zeros((20, 30, 3), np.uint8))
+    doc = {"images": [{"id": 1, "file_name": "a.jpg", "width": 30, "height": 20},
+                      {"id": 2, "file_name": "b.jpg", "width": 30, "height": 20}],
+           "categories": [{"id": 5, "name": "cat"}, {"id": 7, "name": "dog"}],
+           "annotations": [{"id": 10, "image_id": 1, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0},
+                           {"id": 11, "image_id": 2, "category_id": 7, "bbox": [2, 2, 6, 6], "iscrowd": 0}]}
+    edit(doc)
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    return root
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["images"].append({"id": 1, "file_name": "b.jpg", "width": 30, "height": 20}), r"duplicate image ids \[1\]"),
+    (lambda d: d["categories"].append({"id": 5, "name": "cat2"}), r"duplicate category ids \[5\]"),
+    (lambda d: d["images"][0].pop("width"), "image 1 .*width and height"),
+    (lambda d: d["images"][1].update(height="tall"), "image 2 .*width and height"),
+    (lambda d: d["images"][1].pop("file_name"), "image 2 has no file_name"),
+    (lambda d: d["images"][1].update(id="2"), "image ids must be integers"),
+    (lambda d: d["images"][0].update(file_name="../../etc/passwd"), "leaves the image folder"),
+    (lambda d: d["images"][0].update(file_name="/etc/passwd"), "leaves the image folder"),
+])
+def test_coco_files_with_broken_invariants_are_named_errors(tmp_path, edit, match):
+    root = _coco_doc(tmp_path, edit)
+    with pytest.raises(ValueError, match=match) as e:
+        read_coco(root, "val2017")
+    assert "instances_val2017.json" in str(e.value)
+
+
+def test_coco_orphan_and_nan_annotations_are_left_out_and_counted(tmp_path):
+    def edit(d):
+        d["annotations"].append({"id": 12, "image_id": 99, "category_id": 5, "bbox": [1, 1, 2, 2]})
+        d["annotations"].append({"id": 13, "image_id": 2, "category_id": 5, "bbox": [float("nan"), 1, 2, 2]})
+    labeled = read_coco(_coco_doc(tmp_path, edit), "val2017")
+    reasons = {where.split(" annotation ")[1].split(" ")[0]: why for where, why in labeled.skipped}
+    assert reasons["12"] == "points at no image" and "not finite" in reasons["13"]
+    assert [r.labels for r in labeled.records] == [[0], [1]]  # the good annotations are kept

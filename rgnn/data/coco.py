@@ -5,7 +5,8 @@ import contextlib
 import io
 import json
 import logging
-from pathlib import Path
+import math
+from pathlib import Path, PurePosixPath
 
 from pycocotools.coco import COCO
 
@@ -38,17 +39,22 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO(str(ann_file))
+        data = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
+    orphans = check_coco(data, ann_file)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
     except (KeyError, TypeError, AssertionError) as e:
         raise ValueError(f"{ann_file} is not a COCO instances file: {e!r}") from None
 
     category_ids = sorted(coco.getCatIds())
     index_of = {cid: i for i, cid in enumerate(category_ids)}
     class_names = [coco.cats[cid]["name"] for cid in category_ids]
-    records, skipped = [], []
+    records, skipped = [], [(f"{ann_file} annotation {a.get('id')}", "points at no image") for a in orphans]
     for image_id in sorted(coco.getImgIds()):
         info = coco.imgs[image_id]
         path = root / split / info["file_name"]
@@ -63,6 +69,8 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
             try:
                 c = index_of[ann["category_id"]]
                 x, y, bw, bh = (float(v) for v in ann["bbox"])
+                if not all(map(math.isfinite, (x, y, bw, bh))):
+                    raise ValueError(f"bbox {ann['bbox']} is not finite")
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("%s: unreadable, skipped: %r", where, e)
                 skipped.append((where, f"unreadable annotation: {e!r}"))
@@ -78,3 +86,48 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
         records.append(ImageRecord(image_id, str(path.resolve()), w, h, sorted(labels),
                                    gt_boxes, gt_classes, difficult))
     return LabeledSet(f"{root.name}/{split}", class_names, records, category_ids, skipped)
+
+
+def check_coco(data, ann_file: Path) -> list[dict]:
+    """Check a COCO instances document's invariants before anything is built from it.
+
+    Errors (ValueError naming the file and the offending ids): not a mapping with images /
+    annotations / categories lists; an image or category id that is not an int (COCO's ids are, and
+    mixing ints and strings breaks ordering), or appears twice (pycocotools would keep the last,
+    silently giving one image another's boxes); an image without a usable `file_name`, `width`,
+    `height` (positive numbers), or a file name that leaves the image folder (absolute or `..`).
+    Returned (each left out and counted in the reader's `skipped`): the annotations whose image id
+    names no image. Annotations with an unknown category or a non-finite bbox are left out later.
+    """
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise ValueError(f"{ann_file} is not a COCO instances file: expected lists images, annotations, categories")
+
+    def ids(items: list, what: str) -> set:
+        bad = [i.get("id") if isinstance(i, dict) else i for i in items
+               if not isinstance(i, dict) or not isinstance(i.get("id"), int) or isinstance(i.get("id"), bool)]
+        if bad:
+            raise ValueError(f"{ann_file}: {what} ids must be integers, got {bad[:5]}")
+        seen, twice = set(), set()
+        for i in items:
+            (twice if i["id"] in seen else seen).add(i["id"])
+        if twice:
+            raise ValueError(f"{ann_file}: duplicate {what} ids {sorted(twice)[:10]}")
+        return seen
+
+    image_ids = ids(data["images"], "image")
+    ids(data["categories"], "category")
+    for im in data["images"]:
+        name, w, h = im.get("file_name"), im.get("width"), im.get("height")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{ann_file}: image {im['id']} has no file_name")
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name.replace("\\", "/")).parts:
+            raise ValueError(f"{ann_file}: image {im['id']} file_name {name!r} leaves the image folder")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (w, h)):
+            raise ValueError(f"{ann_file}: image {im['id']} ({name}) needs positive numeric width and height, "
+                             f"got {w!r} x {h!r}")
+    orphans = [a for a in data["annotations"] if not isinstance(a, dict) or a.get("image_id") not in image_ids]
+    if orphans:
+        log.warning("%s: %d annotations point at no image, left out (ids %s)", ann_file, len(orphans),
+                    [a.get("id") if isinstance(a, dict) else a for a in orphans[:10]])
+    data["annotations"] = [a for a in data["annotations"] if isinstance(a, dict) and a.get("image_id") in image_ids]
+    return [a if isinstance(a, dict) else {"id": None} for a in orphans]

@@ -17,19 +17,12 @@ from rgnn.proposals import ProposalParams
 from sharding.build_shards import build_shards
 
 
-def _complete(split_dir: Path) -> bool:
-    try:
-        shards.verify_shards(split_dir)
-        return True
-    except (FileNotFoundError, ValueError):
-        return False
-
-
 def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0, keep_ray: bool = True) -> tuple[Path, Path]:
     """Return the (train, val) shard folders, building them through sharding/ where needed.
 
-    Built shards are cached under cfg.cache_dir by data set and proposal settings; a folder
-    whose shards verify is reused, an incomplete one is resumed by the sharding job.
+    Built shards are cached under cfg.cache_dir by data set and T. Every call runs the sharding
+    job's resume: a shard is kept only when it verifies and its inputs (annotations, image files,
+    class list, proposal settings) are those it was built from; the rest is rebuilt, on Ray.
 
     Args:
         inputs: T (max_regions) decides how many proposals are stored.
@@ -62,10 +55,7 @@ def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0, keep_ray
     out = cache / "shards" / f"{key}-T{params.max_boxes}"
     dirs = []
     for split in (cfg.train_split, cfg.val_split):
-        split_dir = out / split
-        if not _complete(split_dir):
-            build_shards(read(split), out, params=params, edge_model=cfg.edge_model)
-        dirs.append(split_dir)
+        dirs.append(Path(build_shards(read(split), out, params=params, edge_model=cfg.edge_model)))
     if not keep_ray:
         ray.shutdown()  # a no-op when no build ran
     return tuple(dirs)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -78,11 +79,22 @@ class ShardTask:
     name: str
     records: tuple[ImageRecord, ...]
 
-    @property
+    @functools.cached_property
     def inputs(self) -> str:
-        """Fingerprint of the shard's inputs (ids and files): a kept shard must match it."""
-        ids = json.dumps([[str(r.image_id), r.path] for r in self.records])
-        return hashlib.sha256(ids.encode()).hexdigest()[:16]
+        """Fingerprint of what the shard is made from: each image's id, file (path, size, modification
+        time) and whole annotation record. A kept shard must match it, so editing an annotation or
+        replacing an image file rebuilds exactly the shards that hold it (the class list and the
+        proposal settings are compared for the whole split, in the manifest's head)."""
+        h = hashlib.sha256()
+        for r in self.records:
+            try:
+                st = os.stat(r.path)
+                file = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                file = None  # missing: skipped by the actor
+            h.update(json.dumps([str(r.image_id), r.path, file, r.width, r.height, list(map(int, r.labels)),
+                                 r.gt_boxes.tolist(), r.gt_classes.tolist(), r.difficult.tolist()]).encode())
+        return h.hexdigest()[:16]
 
 
 def sample_key(image_id: int | str) -> str:
@@ -302,6 +314,10 @@ class _Manifest:
             old = None
         if old is not None:
             by_name = {t.name: t for t in plan}
+            changed = [e["name"] for e in old["shards"] if e["name"] in by_name and e.get("inputs") != by_name[e["name"]].inputs]
+            if changed:
+                log.warning("%s: the inputs (annotations or image files) of %d shards changed since they were built; "
+                            "rebuilding them: %s", self.split_dir, len(changed), ", ".join(changed[:10]))
             for e in old["shards"]:
                 task = by_name.get(e["name"])
                 if task is None or e.get("inputs") != task.inputs:

@@ -2,6 +2,7 @@
 (`actors=0`, no Ray); tests/test_sharding.py runs the Ray job."""
 import hashlib
 import io
+import os
 import json
 import shutil
 import tarfile
@@ -297,3 +298,36 @@ def test_bad_arguments(built):
     with pytest.raises(ValueError):
         shards.steps_per_epoch(split_dir, batch_size=0, world_size=1)
     assert shards.class_names(split_dir) == shards.read_manifest(split_dir)["class_names"]
+
+
+def test_shards_follow_their_sources(synthetic_root, tmp_path, caplog):
+    """Relabelling an image or replacing its file rebuilds exactly the shard that holds it (issue 13)."""
+    import dataclasses
+
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_root, src)
+    labeled = read_coco(src, "train2017")
+    labeled = LabeledSet(labeled.name, labeled.class_names, labeled.records[:23], labeled.category_ids)
+    size = _three_unequal_shards(labeled.records, MAX_BOXES)
+    kw = dict(actors=0, shard_size=size, params=ProposalParams(max_boxes=MAX_BOXES), progress=False)
+    split_dir = build_shards(labeled, tmp_path / "out", **kw)
+    before = {e["name"]: e["sha256"] for e in shards.read_manifest(split_dir)["shards"]}
+    first = shards.read_manifest(split_dir)["shards"][0]["samples"]
+
+    relabelled = list(labeled.records)
+    r = relabelled[first]  # the first image of the second shard gets another class
+    relabelled[first] = dataclasses.replace(r, gt_classes=(r.gt_classes + 1) % 10, labels=sorted({(c + 1) % 10 for c in r.labels}))
+    caplog.set_level("WARNING")
+    split_dir = build_shards(LabeledSet(labeled.name, labeled.class_names, relabelled, labeled.category_ids),
+                             tmp_path / "out", **kw)
+    after = {e["name"]: e["sha256"] for e in shards.read_manifest(split_dir)["shards"]}
+    changed = sorted(n for n in before if before[n] != after[n])
+    assert changed == ["train2017-000001.tar"] and "inputs (annotations or image files) of 1 shards changed" in caplog.text
+    meta = json.loads(tar_samples(split_dir / changed[0])[str(r.image_id)]["json"])
+    assert meta["labels"] == relabelled[first].labels  # trained on the new labels
+
+    os.utime(relabelled[-1].path, ns=(1, 1))  # the last image's file changed on disk
+    split_dir = build_shards(LabeledSet(labeled.name, labeled.class_names, relabelled, labeled.category_ids),
+                             tmp_path / "out", **kw)
+    again = {e["name"]: e["sha256"] for e in shards.read_manifest(split_dir)["shards"]}
+    assert [n for n in after if after[n] != again[n]] == [] and "of 1 shards changed" in caplog.text

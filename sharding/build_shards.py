@@ -60,7 +60,7 @@ from cluster.ray_setup import init_ray
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
-from sharding.writer import remove_stale_temps, write_atomic, write_bytes_atomic
+from sharding.writer import exclusive, remove_stale_temps, write_atomic, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -471,8 +471,14 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
     split = labeled_set.name.rsplit("/", 1)[-1]
     split_dir = f"{str(out_dir).rstrip('/')}/{split}"
     plan = plan_shards(records, split, shard_size, params.max_boxes)
-    manifest = _Manifest(split_dir, labeled_set, _settings(labeled_set, params, edge_model, shard_size, limit,
-                                                           len(records)), plan)
+    with exclusive(split_dir):
+        return _build(labeled_set, split_dir, plan, len(records), actors, params, shard_size, edge_model, limit, progress)
+
+
+def _build(labeled_set: LabeledSet, split_dir: str, plan: list[ShardTask], records: int, actors: int | None,
+           params: ProposalParams, shard_size: int, edge_model: str | None, limit: int | None, progress: bool) -> Path:
+    split = labeled_set.name.rsplit("/", 1)[-1]
+    manifest = _Manifest(split_dir, labeled_set, _settings(labeled_set, params, edge_model, shard_size, limit, records), plan)
     remove_stale_temps(split_dir)
     todo = manifest.resume(plan)
     manifest.write()

@@ -9,12 +9,15 @@ works through the same call: there `mv` is copy-and-delete, and an object appear
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import posixpath
 import uuid
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
 
@@ -53,6 +56,9 @@ def write_atomic(path: str, fill: Callable[[BinaryIO], None]) -> tuple[str, int]
         with fs.open(tmp, "wb") as f:
             stream = _HashingStream(f)
             fill(stream)
+            if isinstance(fs, LocalFileSystem):  # on disk before the rename makes it visible
+                f.flush()
+                os.fsync(f.fileno())
         fs.mv(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -76,3 +82,31 @@ def remove_stale_temps(folder: str) -> list[str]:
         with contextlib.suppress(OSError):
             fs.rm(p)
     return stale
+
+
+LOCK = ".build.lock"
+
+
+@contextlib.contextmanager
+def exclusive(folder: str) -> Iterator[None]:
+    """Hold `folder`'s build lock (a local folder; an object store has no lock): a second job started
+    on the same folder stops with a clear error instead of deleting the first one's temporary files.
+
+    Raises:
+        RuntimeError: another job holds the lock.
+    """
+    fs, root = fsspec.core.url_to_fs(str(folder))
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, LOCK), "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another sharding job is writing {folder} (it holds {os.path.join(root, LOCK)}); "
+                               "wait for it to finish or stop it, then run this again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

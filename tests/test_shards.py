@@ -331,3 +331,13 @@ def test_shards_follow_their_sources(synthetic_root, tmp_path, caplog):
                              tmp_path / "out", **kw)
     again = {e["name"]: e["sha256"] for e in shards.read_manifest(split_dir)["shards"]}
     assert [n for n in after if after[n] != again[n]] == [] and "of 1 shards changed" in caplog.text
+
+
+def test_a_second_build_on_the_same_folder_stops_with_a_clear_error(built):
+    from sharding.writer import exclusive
+
+    split_dir, labeled = built
+    with exclusive(str(split_dir)):  # a first job holds the folder
+        with pytest.raises(RuntimeError, match="another sharding job is writing"):
+            build_shards(labeled, split_dir.parent, actors=0, params=ProposalParams(max_boxes=MAX_BOXES), progress=False)
+    shards.verify_shards(split_dir)  # nothing of the first job's was touched

@@ -291,9 +291,11 @@ def _check(cfg: TrainConfig) -> None:
     s.lambdas = LambdaSchedule(**dataclasses.asdict(s.lambdas))  # checks the family's parameters
     if len(s.epochs) != 4 or any(e < 0 for e in s.epochs):
         raise ValueError(f"epochs={s.epochs}: expected four counts >= 0 (global, regional, gates, joint)")
-    for stage in s.stage_lr:
+    for stage, lr in s.stage_lr.items():
         if stage not in STAGES:
             raise ValueError(f"stage_lr has unknown stage {stage!r}: expected one of {STAGES}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"stage_lr[{stage!r}]={lr!r}: expected a rate > 0")
     if c.workers < 1 or s.batch_size < 1 or cfg.input.max_regions < 0:
         raise ValueError("workers and batch_size must be >= 1 and max_regions >= 0")
     if not 0.0 <= cfg.model.dropout < 1.0 or s.lr <= 0:

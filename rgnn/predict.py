@@ -135,17 +135,36 @@ def _skip(skipped: list[dict], file: Path, reason: str) -> None:
 
 
 def image_files(inputs: list[str], skipped: list[dict]) -> list[Path]:
-    """Files named or found (sorted, non-recursive, hidden files left out) in folders; a missing path
-    is added to `skipped`."""
+    """Files named or found (sorted, non-recursive) in folders; every input or folder entry that is not
+    predicted is added to `skipped` with its reason (missing, hidden, a folder, a broken or looping
+    link, not a regular file)."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith("."))
-        elif item.is_file():
-            files.append(item)
+            for p in sorted(item.iterdir()):
+                reason = _not_a_file(p) or ("hidden file" if p.name.startswith(".") else None)
+                if reason:
+                    _skip(skipped, p, reason)
+                else:
+                    files.append(p)
+        elif reason := _not_a_file(item):
+            _skip(skipped, item, reason)
         else:
-            _skip(skipped, item, "no such file or folder")
+            files.append(item)
     return files
+
+
+def _not_a_file(p: Path) -> str | None:
+    """Why `p` is not a regular file to read, or None when it is one."""
+    if p.is_symlink() and not p.exists():
+        return "broken symbolic link (or a link loop)"
+    if not p.exists():
+        return "no such file or folder"
+    if p.is_dir():
+        return "a folder (folders are not searched recursively)"
+    if not p.is_file():
+        return "not a regular file (FIFO, socket or device)"
+    return None
 
 
 def _decoded(files: list[Path], skipped: list[dict]) -> Iterator[tuple[Path, np.ndarray]]:

@@ -299,3 +299,23 @@ def test_an_image_over_the_pixel_limit_is_skipped_with_its_reason(trained, synth
     assert [p["file"].split("/")[-1] for p in result["predictions"]] == ["ok.jpg"]  # the rest goes on
     (skipped,) = result["skipped"]
     assert skipped["file"].endswith("huge.png") and "pixel limit" in skipped["reason"]
+
+
+def test_every_folder_entry_not_predicted_is_listed_with_its_reason(trained, synthetic_root, tmp_path):
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sorted((synthetic_root / "val2017").glob("*.jpg"))[0], folder / "ok.jpg")
+    (folder / ".hidden.jpg").write_bytes((folder / "ok.jpg").read_bytes())
+    (folder / "sub").mkdir()
+    (folder / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    result = predict_main(["--checkpoint", str(trained / "ckpt"), str(folder), "--out", str(tmp_path / "p.json")])
+    assert [p["file"].split("/")[-1] for p in result["predictions"]] == ["ok.jpg"]
+    reasons = {s["file"].split("/")[-1]: s["reason"] for s in result["skipped"]}
+    assert reasons == {".hidden.jpg": "hidden file", "sub": "a folder (folders are not searched recursively)",
+                       "dangling.jpg": "broken symbolic link (or a link loop)",
+                       "loop.jpg": "broken symbolic link (or a link loop)",
+                       "pipe.jpg": "not a regular file (FIFO, socket or device)"}

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts["trials"] = opts["trials"] or (4 if base.smoke_test else 8)
     base = resolve(base)
     base.tracking.tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
-    space = load_space(opts["space"])
+    space = load_space(opts["space"], base)  # every value checked before any shard, run or trial
     share = shares_stages(space) and not opts["no_share_stages"]
     out = Path(opts["out"]).resolve()
     out.mkdir(parents=True, exist_ok=True)

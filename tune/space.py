@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from rgnn.config import FLAT_NAMES, TrainConfig
+from rgnn.config import FLAT_NAMES, TrainConfig, resolve
 from rgnn.schedule import LAMBDA_FAMILIES, STAGES
 
 # Section 4.2 fixes lambda going "slowly" from 1 to 0 and one learning rate; these are the open choices.
@@ -26,7 +26,8 @@ JOINT_ONLY = {"lr_joint", "lambda_schedule", "lambda_start", "lambda_end", "lamb
 GRID_POINTS = 3
 
 
-def load_space(path: str | Path | None) -> dict:
+def load_space(path: str | Path | None, base: TrainConfig | None = None) -> dict:
+    """The default space, or a space file checked completely (see `check_space`)."""
     if path is None:
         return dict(DEFAULT_SPACE)
     try:
@@ -37,18 +38,36 @@ def load_space(path: str | Path | None) -> dict:
         raise ValueError(f"{path}: not valid JSON/YAML: {e}") from None
     if not isinstance(space, dict) or not space:
         raise ValueError(f"{path}: expected a non-empty mapping of setting -> distribution")
-    check_space(space, str(path))
+    check_space(space, str(path), base)
     return space
 
 
-def check_space(space: dict, where: str = "search space") -> None:
+def check_space(space: dict, where: str = "search space", base: TrainConfig | None = None) -> None:
+    """Every key a setting, every distribution well formed, and (with `base`) every value one the
+    training accepts: each choice and each range's ends set on `base` and checked by rgnn.config."""
     known = set(FLAT_NAMES) | {f"lr_{s}" for s in STAGES}
     for key, spec in space.items():
         if key not in known:
             raise ValueError(f"{where}: unknown setting {key!r}")
-        if isinstance(spec, dict) and (len(spec) != 1 or next(iter(spec)) not in
-                                       ("loguniform", "uniform", "choice", "grid")):
+        if not isinstance(spec, dict):
+            values = [spec]
+        elif len(spec) != 1 or next(iter(spec)) not in ("loguniform", "uniform", "choice", "grid"):
             raise ValueError(f"{where}: {key}: expected one of loguniform/uniform/choice/grid, got {spec}")
+        else:
+            (kind, values), = spec.items()
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}: {key}: {kind} takes a non-empty list, got {values!r}")
+            if kind in ("uniform", "loguniform"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                        or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
+                    raise ValueError(f"{where}: {key}: {kind} takes [low, high] numbers with low < high"
+                                     f"{' and low > 0' if kind == 'loguniform' else ''}, got {values!r}")
+        if base is not None:
+            for value in values:
+                try:
+                    resolve(apply(base.copy(), {key: value}))
+                except (ValueError, TypeError, AttributeError) as e:
+                    raise ValueError(f"{where}: {key} = {value!r} is not a valid setting: {e}") from None
 
 
 def to_tune(space: dict, search: str) -> dict:

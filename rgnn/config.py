@@ -116,19 +116,20 @@ class TrainConfig:
     def dataset(self) -> str:
         return self.data.dataset
 
+    def _owner(self, name: str) -> tuple[object, str]:
+        """(the sub-config holding the field of flat name `name`, the field's own name)."""
+        *parents, last = _path(name)
+        obj = self
+        for p in parents:
+            obj = getattr(obj, p)
+        return obj, last
+
     def get(self, name: str):
         """The value of the field whose flat name is `name`."""
-        *parents, last = _path(name)
-        obj = self
-        for p in parents:
-            obj = getattr(obj, p)
-        return getattr(obj, last)
+        return getattr(*self._owner(name))
 
     def set(self, name: str, value) -> None:
-        *parents, last = _path(name)
-        obj = self
-        for p in parents:
-            obj = getattr(obj, p)
+        obj, last = self._owner(name)
         if isinstance(getattr(obj, last), tuple) and isinstance(value, list):
             value = tuple(value)  # JSON and YAML give lists where the dataclass keeps tuples
         setattr(obj, last, value)
@@ -140,8 +141,8 @@ class TrainConfig:
             redacted: credentials in URIs replaced by *** (`redact`): for everything written or logged.
                 The real values stay in memory only (Ray's train_loop_config).
         """
-        return {name: redact(v) if redacted and isinstance(v := _plain(self.get(name)), str) else _plain(self.get(name))
-                for name in FLAT_NAMES}
+        flat = {name: _plain(self.get(name)) for name in FLAT_NAMES}
+        return {k: redact(v) if redacted and isinstance(v, str) else v for k, v in flat.items()}
 
     @classmethod
     def from_flat(cls, values: dict | None = None, **more) -> "TrainConfig":

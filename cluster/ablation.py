@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cluster.data import prepare_shards
-from rgnn.checkpoint import write_json
+from rgnn.checkpoint import atomic_write, write_json, write_text
 from rgnn.config import TrainConfig, build_parser, config_from_args, resolve
 from rgnn.data import shards
 from rgnn.model import RGNN
@@ -98,8 +98,8 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
                 model = RGNN(model_config(cfg, len(names))).to(device)
                 results.setdefault(GLOBAL, {})[str(seed)] = _train_row(GLOBAL, cfg, model, names, train_dir, val_dir,
                                                                       device, uri, log.run_id)
-                torch.save({k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "fc8."))},
-                           global_weights)
+                stage1 = {k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "fc8."))}
+                atomic_write(global_weights, lambda f: torch.save(stage1, f))
                 write_json(done_file, done)
             start = torch.load(global_weights, map_location="cpu", weights_only=True)
             for name in rows:
@@ -114,7 +114,7 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
                 write_json(done_file, done)
         order = [GLOBAL] + [r for r in ROWS if r in rows]
         summary = {n: _summarise(results[n], range(first, first + seeds)) for n in order}
-        out.write_text(ablation_markdown(summary, names))
+        write_text(out, ablation_markdown(summary, names))
         log.artifact(out)
         for i, n in enumerate(order):
             log.metric("ablation/mAP", summary[n]["mAP"], i)

@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import pickle
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -25,26 +27,32 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp)`, fsync, rename over `path`: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write(f)` to a temp file beside `path` (a unique name), flush, fsync, rename over `path`, fsync the
+    folder: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Text written under a temporary name, fsynced and renamed: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(text))
-    return path
+    """Text written as `atomic_write` writes: a reader never sees half a file."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str | Path, data) -> Path:
@@ -65,7 +73,7 @@ def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], con
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "model_config": asdict(model.cfg),
                "class_names": list(class_names), **train_state}
-    _atomic_write(folder / CHECKPOINT_FILE, lambda p: torch.save(payload, p))
+    atomic_write(folder / CHECKPOINT_FILE, lambda f: torch.save(payload, f))
     write_json(folder / CONFIG_FILE, config or {})
     return folder
 

@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -63,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from rgnn.backbones import Backbone, build_backbone, xavier_linear
+from rgnn.checkpoint import atomic_write, write_text
 from rgnn.data import synthetic
 from rgnn.model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -277,21 +277,6 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"  (10 target classes {row['val/acc_target']:.3f})  {row['seconds']:.0f}s")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write `path` through a temp file in its folder (flush, fsync, os.replace): never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def weights_path(cache_dir: str | Path, settings: PretrainSettings) -> Path:
     """`<cache_dir>/pretrained/small-<settings.key()>.pt` (the history beside it, `.json`)."""
     return Path(cache_dir).expanduser() / "pretrained" / f"small-{settings.key()}.pt"
@@ -310,8 +295,8 @@ def pretrained_weights(cache_dir: str | Path, settings: PretrainSettings | None 
         return path
     state, history = train(settings, progress)
     doc = {"settings": asdict(settings), "version": VERSION, "labels": LABELS, "history": history}
-    _write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(doc, indent=1).encode()))
-    _write_atomic(path, lambda f: torch.save(state, f))
+    write_text(path.with_suffix(".json"), json.dumps(doc, indent=1))
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

@@ -68,6 +68,7 @@ class ScheduleConfig:
     stage_lr: dict[str, float] = field(default_factory=dict)
     lambdas: LambdaSchedule = field(default_factory=LambdaSchedule)
     gate_target: str = "region"  # eq. 8 for feature-level gates: the region's target, or per class
+    oracle_gates: bool = False  # a diagnostic: region gates fixed to eq. 8's target (uses the ground truth)
     batch_size: int | None = None
     eval_every_epoch: bool = False
     seed: int = 0
@@ -306,6 +307,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("--gate-target class needs feature-level gates on a layer with one dimension per class "
                          f"(--gate feature, --pool-layer fc8 or softmax), got gate {cfg.model.gate!r}, "
                          f"pool layer {cfg.model.pool_layer!r}")
+    if s.oracle_gates and cfg.model.gate != "none":
+        raise ValueError("--oracle-gates replaces the gate unit: use it with --gate none")
     if c.start_stage != "global" and not (c.init_checkpoint or c.resume):
         raise ValueError(f"--start-stage {c.start_stage} needs --init-checkpoint (the weights to start from)")
 
@@ -373,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gate-target", choices=GATE_TARGETS,
                    help="eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the paper's bold "
                         "1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each class")
+    s.add_argument("--oracle-gates", action="store_true",
+                   help="diagnostic only: gates fixed to eq. 8's target, from the ground truth, in training and "
+                        "evaluation (an upper bound on what region selection can give; use with --gate none)")
     s.add_argument("--batch-size", type=int, help="images per worker per step (default 2 for vgg16/resnet50, 16 for small)")
     s.add_argument("--image-size", type=int, help="shorter side of the free-size regional input")
     s.add_argument("--max-size", type=int, help="cap on the longer side (default 2x image size)")

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rgnn.data.transforms import Batch
-from rgnn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, object_regions, region_targets
+from rgnn.losses import (balanced_multilabel_loss, localization_loss, localization_targets, multitask_loss,
+                         object_regions, region_targets)
 from rgnn.model import RGNN, RGNNOutput
 
 
@@ -25,12 +26,21 @@ class StageModel(nn.Module):
     fixed open (stage 2); gates and joint: the full gated model (stages 3 and 4).
     """
 
-    def __init__(self, model: RGNN, stage: str):
+    def __init__(self, model: RGNN, stage: str, oracle: bool = False):
         super().__init__()
         self.model = model
         self.stage = stage
+        self.oracle = oracle  # a diagnostic: gates fixed to eq. 8's targets (needs the ground truth)
 
     def forward(self, batch: Batch) -> RGNNOutput:
+        if self.oracle and self.stage != "global":
+            all_boxes, image_index, _ = self.model.regions(batch.image_sizes, batch.boxes, batch.images.device,
+                                                           batch.images.dtype)
+            targets = torch.zeros(len(all_boxes), dtype=batch.images.dtype, device=batch.images.device)  # (R,)
+            for i, gt in enumerate(batch.gt_boxes):
+                sel = image_index == i
+                targets[sel] = localization_targets(all_boxes[sel], gt).to(targets.dtype)
+            return self.model(batch.images, batch.image_sizes, batch.boxes, open_gates=True, fixed_gates=targets)
         return self.run(batch.images, batch.image_sizes, batch.boxes)
 
     def run(self, images: torch.Tensor, image_sizes: torch.Tensor, boxes: list[torch.Tensor]) -> RGNNOutput:

@@ -224,7 +224,8 @@ class RGNN(nn.Module):
         logits = self.fc8(h7)  # (R, C)
         return F.relu(logits) if layer == "fc8" else torch.softmax(logits, dim=1)
 
-    def forward(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor], open_gates: bool = False) -> RGNNOutput:
+    def forward(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor], open_gates: bool = False,
+                fixed_gates: Tensor | None = None) -> RGNNOutput:
         """The regional path (stages 2-4).
 
         Args:
@@ -232,6 +233,8 @@ class RGNN(nn.Module):
             image_sizes: long Tensor[N, 2], (h, w) of each unpadded image.
             boxes: N x float Tensor[T_i, 4], x1 y1 x2 y2 in the pixels of `images` (T_i may be 0).
             open_gates: gates fixed at 1 and not run (stage 2).
+            fixed_gates: Tensor[R], region-level gate values to use instead of the gate unit's (the
+                ablation's oracle: eq. 8's targets); R counts every region, whole images included.
         """
         N, _, H, W = images.shape
         if len(boxes) != N:
@@ -243,7 +246,7 @@ class RGNN(nn.Module):
         gated = self._gated(open_gates)
         h7 = b.fc7(h6) if self._runs_fc7(gated) else None  # (R, fc7_dim): u_i
         x = self._pooled_layer(h6, h7)  # (R, D)
-        gates = self.gate(h7) if gated else None  # (R,) or (R, D)
+        gates = self.gate(h7) if gated else fixed_gates  # (R,) or (R, D)
         if gates is not None:
             x = apply_gate(x, gates)  # eq. 2 / eq. 4
         z = self.pool(x, area_ratio, image_index, N)  # (N, scales*D)

@@ -92,7 +92,7 @@ def stages_to_run(epochs: list[int], start_stage: str, gated: bool) -> list[str]
 
 def validate(model: RGNN, stage: str, val_dir: Path, inputs: InputConfig, batch_size: int, *, rank: int = 0,
              world: int = 1, device: torch.device = torch.device("cpu"), loader_workers: int = 0,
-             voc07: bool = False) -> dict:
+             voc07: bool = False, oracle: bool = False) -> dict:
     """Scores of the whole val split gathered from every rank, then mAP, per-class AP, CF1/OF1.
 
     mAP is the area under the PR curve (COCO and VOC 2012 practice); `voc07` adds `mAP_voc07`,
@@ -102,7 +102,7 @@ def validate(model: RGNN, stage: str, val_dir: Path, inputs: InputConfig, batch_
     """
     loader = shards.shard_loader(val_dir, Preprocess.for_stage(inputs, model.cfg, stage), batch_size=batch_size,
                                  rank=rank, world_size=world, num_workers=loader_workers, for_eval=True)
-    got = gather_predictions(collect_scores(StageModel(model, stage), loader, device))
+    got = gather_predictions(collect_scores(StageModel(model, stage, oracle), loader, device))
     scores, targets, ignore = got["scores"], got["targets"], got["ignore"]
     ap = average_precision(scores, targets, mode="area", ignore=ignore)
     result = {"mAP": mean_ap(ap), "ap": ap, "scores": scores, "targets": targets,
@@ -149,7 +149,7 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
         epochs = s.epochs[si]
         first_epoch = state.epoch if stage == state.stage else 0
         params = set_trainable(model, stage)
-        net = hooks.wrap(StageModel(model, stage))
+        net = hooks.wrap(StageModel(model, stage, s.oracle_gates))
         optimizer = torch.optim.Adam(params, lr=s.lr_for(stage))
         if first_epoch and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
@@ -170,11 +170,11 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
             probe = None
             if state.global_step == 0 and stage != "gates":  # a fresh run: does its first epoch learn?
                 probe = next(iter(loader)).to(device)
-                before = batch_loss(StageModel(model, stage), probe, len(class_names))
+                before = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
             stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
                                     class_aware=s.gate_target == "class")
             if probe is not None:
-                after = batch_loss(StageModel(model, stage), probe, len(class_names))
+                after = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
                 if stalled(before, after):
                     hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size))
             state.global_step += stats["steps"]
@@ -184,7 +184,7 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
             result = None
             if done or s.eval_every_epoch:
                 result = validate(model, stage, val_dir, inputs, s.batch_size, rank=rank, world=world, device=device,
-                                  loader_workers=cfg.cluster.loader_workers, voc07=voc07)
+                                  loader_workers=cfg.cluster.loader_workers, voc07=voc07, oracle=s.oracle_gates)
                 state.last_map = result["mAP"]
                 metrics.update({"val/CF1": result["CF1"], "val/OF1": result["OF1"],
                                 **{f"val/{k}": result[k] for k in GATE_METRICS if k in result}})

@@ -47,6 +47,13 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     assert by_name["regional, single scale"].data.params["scales"] == "1"
     assert by_name["feature gate, multi-label loss"].data.params["lambda_start"] == "0.0"
     assert json.loads(by_name["region gate, pool fc6"].data.params["epochs"]) == [0, 1, 1, 1]
+    assert by_name["oracle gates (eq. 8 target)"].data.params["oracle_gates"] == "true"
+    # the gate AUC column: every gated row has one, the oracle's is 1 (its gates are the target)
+    for name, r in results.items():
+        assert (r["gate_auc"] is None) == (ROWS.get(name, ({"gate": "none"},))[0]["gate"] == "none"
+                                           and name != "oracle gates (eq. 8 target)"), name
+    assert results["oracle gates (eq. 8 target)"]["gate_auc"] == pytest.approx(1.0)
+    assert "| oracle gates (eq. 8 target) | oracle (eq. 8) |" in text
     assert "table.md" in {a.path for a in client.list_artifacts(parent)}
 
     again = main(args)  # every row is recorded: nothing retrained, same figures

@@ -68,11 +68,12 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
 
 
 def recall_metrics(split: str, recall: dict) -> dict[str, float]:
-    """A shard manifest's `proposal_recall` as MLflow metrics:
-    data/<split>/top<k>/recall_<iou>[/<area bin>] (bins without objects left out)."""
+    """A shard manifest's `proposal_recall` as MLflow metrics: data/<split>/top<k>/recall_<iou>, and per
+    area bin data/<split>/top<k>/recall_<iou>/scale<1..5> (section 3.2's bins, smallest first; bins
+    without objects left out)."""
     out = {}
     for k, r in recall.items():
-        rows = [("", r)] + [(f"/{name}", b) for name, b in r["bins"].items()]
+        rows = [("", r)] + [(f"/scale{i + 1}", b) for i, b in enumerate(r["bins"].values())]
         for suffix, row in rows:
             for key, value in row.items():
                 if key.startswith("recall@") and value is not None:

@@ -281,3 +281,19 @@ def test_large_images_are_searched_at_a_bounded_size():
     np.testing.assert_allclose(big_boxes, 4 * small_boxes, atol=4.0)
     np.testing.assert_allclose(big_scores, small_scores, rtol=1e-5)
     assert big_boxes[:, 2].max() <= 800 and big_boxes[:, 3].max() <= 600
+
+
+def test_recall_metrics_are_valid_mlflow_names(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rgnn.proposals import recall_counts, recall_summary
+    from rgnn.tracking import recall_metrics
+
+    gt = np.array([[0, 0, 10, 10], [0, 0, 60, 60]], np.float32)
+    metrics = recall_metrics("val2017", recall_summary(recall_counts(gt, gt, 100, 100, (1, 2))))
+    assert metrics["data/val2017/top2/recall_0.5"] == 1.0 and metrics["data/val2017/top2/recall_0.5/scale1"] == 1.0
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run = client.create_run(client.create_experiment("x"))
+    for key, value in metrics.items():  # MLflow refuses names with other characters
+        client.log_metric(run.info.run_id, key, value)
+    assert set(client.get_run(run.info.run_id).data.metrics) == set(metrics)

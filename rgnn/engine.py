@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rgnn.data.transforms import Batch
-from rgnn.losses import (balanced_multilabel_loss, localization_loss, localization_targets, multitask_loss,
-                         object_regions, region_targets)
+from rgnn.losses import (balanced_multilabel_loss, batch_targets, localization_loss, multitask_loss, object_regions,
+                         region_targets)
 from rgnn.model import RGNN, RGNNOutput
 
 
@@ -36,10 +36,7 @@ class StageModel(nn.Module):
         if self.oracle and self.stage != "global":
             all_boxes, image_index, _ = self.model.regions(batch.image_sizes, batch.boxes, batch.images.device,
                                                            batch.images.dtype)
-            targets = torch.zeros(len(all_boxes), dtype=batch.images.dtype, device=batch.images.device)  # (R,)
-            for i, gt in enumerate(batch.gt_boxes):
-                sel = image_index == i
-                targets[sel] = localization_targets(all_boxes[sel], gt).to(targets.dtype)
+            targets = batch_targets(all_boxes, image_index, batch.gt_boxes)  # (R,)
             return self.model(batch.images, batch.image_sizes, batch.boxes, open_gates=True, fixed_gates=targets)
         return self.run(batch.images, batch.image_sizes, batch.boxes)
 

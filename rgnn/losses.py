@@ -146,16 +146,29 @@ def region_targets(out: RGNNOutput, gt_boxes: list[Tensor], gt_labels: list[Tens
     if class_aware and not (feature_level and out.gates.shape[1] == num_classes):
         raise ValueError(f"the class-aware gate target needs feature-level gates with one dimension per class "
                          f"({num_classes}), got gates of shape {tuple(out.gates.shape)}")
-    dtype = out.boxes.dtype
-    targets = out.boxes.new_zeros((len(out.boxes), num_classes) if class_aware else (len(out.boxes),), dtype=dtype)
+    if not class_aware:
+        targets = batch_targets(out.boxes, out.image_index, gt_boxes, theta)  # (R,)
+        return targets.unsqueeze(1).expand(-1, out.gates.shape[1]) if feature_level else targets  # the bold 1/0
+    targets = out.boxes.new_zeros((len(out.boxes), num_classes))
     for i in range(N):
         sel = out.image_index == i  # (R,) this image's regions
-        if class_aware:
-            targets[sel] = localization_targets(out.boxes[sel], gt_boxes[i], gt_labels[i], num_classes, theta)
-        else:
-            targets[sel] = localization_targets(out.boxes[sel], gt_boxes[i], theta=theta)
-    if feature_level and not class_aware:
-        return targets.unsqueeze(1).expand(-1, out.gates.shape[1])  # (R, D): the bold 1 / 0 of eq. 8
+        targets[sel] = localization_targets(out.boxes[sel], gt_boxes[i], gt_labels[i], num_classes, theta)
+    return targets
+
+
+def batch_targets(boxes: Tensor, image_index: Tensor, gt_boxes: list[Tensor], theta: float = 0.5) -> Tensor:
+    """Eq. 8's 0/1 region target for every region of a batch.
+
+    Args:
+        boxes: Tensor[R, 4]; image_index: long Tensor[R]; gt_boxes: N x Tensor[G_i, 4], the same pixels.
+
+    Returns:
+        Tensor[R] in the boxes' dtype.
+    """
+    targets = boxes.new_zeros(len(boxes))
+    for i, gt in enumerate(gt_boxes):
+        sel = image_index == i  # (R,) this image's regions
+        targets[sel] = localization_targets(boxes[sel], gt, theta=theta)
     return targets
 
 
@@ -166,10 +179,7 @@ def object_regions(out: RGNNOutput, gt_boxes: list[Tensor], theta: float = 0.5) 
     Returns:
         (float Tensor[R] of 0/1, bool Tensor[R]).
     """
-    targets = torch.zeros(len(out.boxes), dtype=torch.float32, device=out.boxes.device)
-    for i in range(len(gt_boxes)):
-        sel = out.image_index == i
-        targets[sel] = localization_targets(out.boxes[sel].float(), gt_boxes[i].float())
+    targets = batch_targets(out.boxes.float(), out.image_index, gt_boxes, theta)  # (R,)
     counts = torch.bincount(out.image_index, minlength=len(gt_boxes))  # (N,)
     proposal = torch.ones(len(out.boxes), dtype=torch.bool, device=out.boxes.device)
     proposal[torch.cumsum(counts, 0)[counts > 0] - 1] = False  # each image's last region: the whole image

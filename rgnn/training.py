@@ -68,11 +68,13 @@ def stalled(before: float, after: float) -> bool:
     return after > before * (1 - MIN_DROP)
 
 
-def no_learning_warning(stage: str, before: float, after: float, lr: float, images: int) -> str:
+def no_learning_warning(stage: str, before: float, after: float, lr: float, images: int, recipe: str) -> str:
+    cause = ("a learning rate too small for random weights (--recipe scratch uses 1e-3 per 16 images)" if recipe == "scratch"
+             else "random weights fine-tuned at a pretrained backbone's rate (--weights none takes --recipe scratch)")
     return (f"WARNING: the training loss has not fallen in the first epoch of the {stage} stage (on its first batch "
-            f"{before:.3f} before, {after:.3f} after; eq. 6 at chance is 1.386). Likely causes: a learning "
-            f"rate too small for random weights (lr {lr:g}; --recipe scratch uses 1e-3), or too few images "
-            f"({images} per epoch on this rank). See --lr, --recipe and --weights.")
+            f"{before:.3f} before, {after:.3f} after; eq. 6 at chance is 1.386). Likely causes: too few images "
+            f"({images} per epoch on this rank, so few steps: later epochs may still learn), or {cause}; "
+            f"lr {lr:g}, recipe {recipe}. See --epochs, --lr, --recipe and --weights.")
 
 
 def model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
@@ -176,7 +178,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
             if probe is not None:
                 after = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
                 if stalled(before, after):
-                    hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size))
+                    hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size,
+                                                          cfg.recipe))
             state.global_step += stats["steps"]
             done = epoch + 1 == epochs
             metrics = {"stage": stage, "epoch": epoch + 1, "epochs": epochs, "train/loss_cls": stats["loss_cls"],

@@ -98,7 +98,9 @@ def test_recipe_follows_the_backbone_initialisation_on_any_data():
     coco, _ = parse_args(["--coco-root", "/data/coco"])  # the paper's setting exactly
     assert (coco.model.weights, coco.recipe, coco.schedule.lr, coco.schedule.batch_size, coco.model.dropout) == (
         "imagenet", "fine-tune", 1e-4, 2, 0.5)
-    scratch, _ = parse_args(["--coco-root", "/data/coco", "--backbone", "small"])  # random weights: from scratch
+    small, _ = parse_args(["--coco-root", "/data/coco", "--backbone", "small"])  # the small CNN's "ImageNet" is the stand-in
+    assert (small.model.weights, small.recipe, small.schedule.lr) == ("standin", "fine-tune", pytest.approx(8e-4))
+    scratch, _ = parse_args(["--coco-root", "/data/coco", "--backbone", "small", "--weights", "none"])  # from scratch
     assert (scratch.model.weights, scratch.recipe, scratch.schedule.lr, scratch.model.dropout) == ("none", "scratch", 1e-3, 0.1)
     assert scratch.input.image_size == 192 and scratch.schedule.batch_size == 16  # the small CNN's input
     half, _ = parse_args(["--weights", "none", "--batch-size", "8"])  # the rate scales with the batch

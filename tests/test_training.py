@@ -90,8 +90,10 @@ def test_a_loss_that_does_not_fall_is_named_loudly():
     from rgnn.training import no_learning_warning, stalled
 
     assert stalled(1.39, 1.38) and stalled(1.39, 1.45) and not stalled(1.39, 1.30)
-    text = no_learning_warning("global", 1.38, 1.37, 1e-4, 400)
-    assert "lr 0.0001" in text and "--recipe scratch" in text and "400 per epoch" in text
+    text = no_learning_warning("global", 1.38, 1.37, 1e-4, 400, "fine-tune")
+    assert "lr 0.0001" in text and "--weights none takes --recipe scratch" in text and "400 per epoch" in text
+    text = no_learning_warning("global", 1.38, 1.37, 1e-4, 400, "scratch")
+    assert "too small for random weights" in text and "recipe scratch" in text
 
 
 def test_run_stages_warns_when_the_rate_cannot_move_the_loss(shard_root):

@@ -31,7 +31,7 @@ from rgnn.data.transforms import PAPER_INPUT, InputConfig
 from rgnn.losses import GATE_TARGETS
 from rgnn.model import GATES, POOL_LAYERS, ModelConfig
 from rgnn.pooling import SCALES
-from rgnn.schedule import LAMBDA_FAMILIES, STAGES, LambdaSchedule
+from rgnn.schedule import LAMBDA_FAMILIES, LR_SCHEDULES, STAGES, LambdaSchedule, lr_factor
 
 DATA_SETS = ("coco", "voc", "shards", "synthetic")
 
@@ -70,6 +70,12 @@ class ScheduleConfig:
     gate_target: str = "region"  # eq. 8 for feature-level gates: the region's target, or per class
     oracle_gates: bool = False  # a diagnostic: region gates fixed to eq. 8's target (uses the ground truth)
     batch_size: int | None = None
+    # beside the paper's recipe (Adam at one rate per stage), off by default
+    lr_schedule: str = "constant"  # the rate through each stage (rgnn.schedule.lr_factor)
+    warmup: float = 0.0  # fraction of each stage that warms the rate up
+    weight_decay: float = 0.0  # > 0: AdamW with this decoupled weight decay
+    clip_norm: float | None = None  # the gradients' global norm is clipped to this
+    accumulate: int = 1  # batches per update (an effective batch of accumulate x batch_size x workers)
     eval_every_epoch: bool = False
     seed: int = 0
 
@@ -282,7 +288,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 # flag choices and checks share these tuples
 CHOICES = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS,
-           "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES, "gate_target": GATE_TARGETS}
+           "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES, "gate_target": GATE_TARGETS,
+           "lr_schedule": LR_SCHEDULES}
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -298,6 +305,10 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"stage_lr has unknown stage {stage!r}: expected one of {STAGES}")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"stage_lr[{stage!r}]={lr!r}: expected a rate > 0")
+    lr_factor(0.0, s.lr_schedule, s.warmup)  # checks the warm-up
+    if s.weight_decay < 0 or s.accumulate < 1 or (s.clip_norm is not None and not s.clip_norm > 0):
+        raise ValueError(f"weight_decay={s.weight_decay} must be >= 0, accumulate={s.accumulate} >= 1 and "
+                         f"clip_norm={s.clip_norm} > 0")
     if c.workers < 1 or s.batch_size < 1 or cfg.input.max_regions < 0:
         raise ValueError("workers and batch_size must be >= 1 and max_regions >= 0")
     if not 0.0 <= cfg.model.dropout < 1.0 or s.lr <= 0:
@@ -380,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diagnostic only: gates fixed to eq. 8's target, from the ground truth, in training and "
                         "evaluation (an upper bound on what region selection can give; use with --gate none)")
     s.add_argument("--batch-size", type=int, help="images per worker per step (default 2 for vgg16/resnet50, 16 for small)")
+    o = p.add_argument_group("optimisation beyond the paper (off by default: the paper's Adam at one rate per stage)")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="the rate through each stage: constant (default), cosine "
+                                                               "(to 0 at the stage's end) or step (x0.1 from 2/3 on)")
+    o.add_argument("--warmup", type=float, help="fraction of each stage with a linear warm-up of the rate (default 0)")
+    o.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (default 0: Adam)")
+    o.add_argument("--clip-norm", type=float, help="clip the gradients' global norm to this (default: no clipping)")
+    o.add_argument("--accumulate", type=int, help="batches per update: effective batch = accumulate x batch size x "
+                                                  "workers, at the rate you give (default 1)")
     s.add_argument("--image-size", type=int, help="shorter side of the free-size regional input")
     s.add_argument("--max-size", type=int, help="cap on the longer side (default 2x image size)")
     s.add_argument("--global-size", type=int, help="side of the size-normalised stage-1 input")

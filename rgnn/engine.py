@@ -6,7 +6,8 @@ and returns one type, `RGNNOutput`, whatever the stage.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -74,37 +75,75 @@ def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_clas
 
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, stage: str,
                     num_classes: int, device: torch.device, lam_at: Callable[[int], float] = lambda step: 0.0,
-                    on_step: Callable[[int, dict], None] | None = None, class_aware: bool = False) -> dict[str, float]:
+                    on_step: Callable[[int, dict], None] | None = None, class_aware: bool = False,
+                    lr_at: Callable[[int], float] | None = None, accumulate: int = 1,
+                    clip_norm: float | None = None) -> dict[str, float]:
     """One pass over `loader` for `stage`.
 
     Args:
         model: a StageModel, possibly DDP-wrapped.
         lam_at: step index within this epoch -> lambda of eq. 9 (the joint stage's schedule).
-        on_step: called after each step with (step, {"loss_cls", "loss_loc", "lambda"} floats).
+        on_step: called after each step with (step, {"loss_cls", "loss_loc", "lambda"} floats, and
+            "grad_norm" on the steps that update when `clip_norm` is set).
         class_aware: eq. 8's class-aware target for feature-level gates.
+        lr_at: step index -> the learning rate of the update made at that step (None: left as it is).
+        accumulate: batches per update. Each batch's loss is scaled by 1/accumulate, so `accumulate`
+            batches of b images update as one batch of accumulate x b would (eqs. 6, 7 and 9 are means
+            over images); the epoch's last, shorter group is the mean over its batches. Under DDP the
+            batches before an update skip the gradient all-reduce (`no_sync`).
+        clip_norm: the gradients' global norm is clipped to this before each update (None: not clipped).
 
     Returns:
-        the epoch's mean loss_cls, loss_loc, the last lambda and the step count.
+        the epoch's mean loss_cls, loss_loc, the last lambda and the step (batch) count.
     """
     model.train()
-    sums, steps, lam = {"loss_cls": 0.0, "loss_loc": 0.0}, 0, 0.0
-    for step, batch in enumerate(loader):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums, steps, lam, pending = {"loss_cls": 0.0, "loss_loc": 0.0}, 0, 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for step, (batch, last) in enumerate(_mark_last(loader)):
         batch = batch.to(device)
         lam = lam_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # AMP on GPUs
-            losses = stage_losses(model(batch), batch, stage, lam, num_classes, class_aware)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"{stage} stage step {step}: loss is {losses['loss'].item()}")
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        pending += 1
+        update = pending == accumulate or last
+        with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # AMP on GPUs
+                losses = stage_losses(model(batch), batch, stage, lam, num_classes, class_aware)
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"{stage} stage step {step}: loss is {losses['loss'].item()}")
+            (losses["loss"] / accumulate).backward()
         values = {k: losses[k].item() for k in sums}
+        if update:
+            if pending < accumulate:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(accumulate / pending)
+            if clip_norm is not None:
+                values["grad_norm"] = nn.utils.clip_grad_norm_(params, clip_norm).item()
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending = 0
         for k in sums:
             sums[k] += values[k]
         steps += 1
         if on_step is not None:
             on_step(step, {**values, "lambda": lam})
     return {**{k: v / max(steps, 1) for k, v in sums.items()}, "lambda": lam, "steps": steps}
+
+
+def _mark_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last) for each item."""
+    it = iter(items)
+    previous = next(it, _END)
+    while previous is not _END:
+        item = next(it, _END)
+        yield previous, item is _END
+        previous = item
+
+
+_END = object()
 
 
 @torch.no_grad()

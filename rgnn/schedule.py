@@ -24,6 +24,7 @@ from rgnn.model import RGNN
 
 STAGES = ("global", "regional", "gates", "joint")
 LAMBDA_FAMILIES = ("constant", "linear", "cosine", "step", "exponential")
+LR_SCHEDULES = ("constant", "cosine", "step")  # the rate through a stage; the paper's is constant
 
 
 def lambda_at(progress: float, family: str = "linear", start: float = 1.0, end: float = 0.0, rate: float = 5.0,
@@ -59,6 +60,22 @@ def lambda_at(progress: float, family: str = "linear", start: float = 1.0, end: 
         raise ValueError(f"rate={rate!r}: the exponential family needs rate > 0")
     floor = math.exp(-rate)
     return float(end + (start - end) * (math.exp(-rate * progress) - floor) / (1 - floor))
+
+
+def lr_factor(progress: float, family: str = "constant", warmup: float = 0.0) -> float:
+    """The multiplier of a stage's learning rate at `progress` in [0, 1] through it.
+
+    A linear warm-up from 0.1 to 1 over the first `warmup` of the stage, then `family` over the rest:
+    constant (the paper's), cosine (decay to 0 at the stage's last step) or step (x 0.1 from 2/3 on).
+    """
+    if family not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule {family!r}: expected one of {LR_SCHEDULES}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup={warmup!r}: expected a fraction of the stage in [0, 1)")
+    if progress < warmup:
+        return 0.1 + 0.9 * progress / warmup
+    rest = (progress - warmup) / (1.0 - warmup)
+    return lambda_at(min(rest, 1.0), family, 1.0, 0.1 if family == "step" else 0.0, steps=(2 / 3,))
 
 
 @dataclass

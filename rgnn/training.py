@@ -23,7 +23,7 @@ from rgnn.engine import (StageModel, batch_loss, collect_scores, gather_predicti
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
 from rgnn.pretrain import pretrained_weights
-from rgnn.schedule import STAGES, set_trainable
+from rgnn.schedule import STAGES, lr_factor, set_trainable
 
 log = logging.getLogger(__name__)
 MIN_DROP = 0.02  # a first epoch whose loss falls by less than this (relative) has not learned
@@ -152,7 +152,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
         first_epoch = state.epoch if stage == state.stage else 0
         params = set_trainable(model, stage)
         net = hooks.wrap(StageModel(model, stage, s.oracle_gates))
-        optimizer = torch.optim.Adam(params, lr=s.lr_for(stage))
+        optimizer = (torch.optim.AdamW(params, lr=s.lr_for(stage), weight_decay=s.weight_decay) if s.weight_decay
+                     else torch.optim.Adam(params, lr=s.lr_for(stage)))
         if first_epoch and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         preprocess = Preprocess.for_stage(inputs, model.cfg, stage)
@@ -164,6 +165,9 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
             def lam_at(step: int) -> float:  # eq. 9's lambda decays through stage 4 only
                 return s.lambdas(stage_progress(epoch, step, epochs, steps)) if stage == "joint" else 0.0
 
+            def lr_at(step: int) -> float:
+                return s.lr_for(stage) * lr_factor(stage_progress(epoch, step, epochs, steps), s.lr_schedule, s.warmup)
+
             def on_step(step: int, values: dict) -> None:
                 if hooks.on_step is not None:
                     hooks.on_step(state.global_step + step, {**{f"train/{k}": v for k, v in values.items()},
@@ -174,7 +178,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                 probe = next(iter(loader)).to(device)
                 before = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
             stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
-                                    class_aware=s.gate_target == "class")
+                                    class_aware=s.gate_target == "class", lr_at=lr_at, accumulate=s.accumulate,
+                                    clip_norm=s.clip_norm)
             if probe is not None:
                 after = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
                 if stalled(before, after):

@@ -8,18 +8,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.ablation import GLOBAL, ROWS, main
-from rgnn.data.coco import read_coco
-from rgnn.proposals import ProposalParams
-from sharding.build_shards import build_shards
-
-
-@pytest.fixture(scope="module")
-def shard_root(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    for split in ("train2017", "val2017"):
-        build_shards(read_coco(synthetic_root, split), out, actors=0, params=ProposalParams(max_boxes=12),
-                     progress=False)
-    return out
 
 
 def test_ablation_produces_every_row(shard_root, tmp_path):

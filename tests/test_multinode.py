@@ -19,7 +19,9 @@ def test_two_workers_on_two_nodes(tmp_path, monkeypatch):
     cluster.wait_for_nodes()
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     try:
+        # accumulate: DDP's no_sync between updates, across nodes
         cfg = resolve(TrainConfig.from_flat(smoke_test=True, epochs=[1, 1, 0, 1], workers=2, cpus_per_worker=1,
+                                            accumulate=2, clip_norm=10.0,
                                             cache_dir=str(tmp_path / "cache"), storage=str(tmp_path / "runs"),
                                             tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
         summary = fit(cfg)
@@ -28,4 +30,4 @@ def test_two_workers_on_two_nodes(tmp_path, monkeypatch):
         cluster.shutdown()
     assert list(summary["map"]) == ["global", "regional", "joint"]
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
-    assert run.data.tags["ray_nodes"] == "2"
+    assert run.data.tags["ray_nodes"] == "2" and run.data.params["accumulate"] == "2"

@@ -12,20 +12,8 @@ from cluster.driver import fit
 from rgnn.checkpoint import save_checkpoint
 from rgnn.config import TrainConfig, resolve
 from rgnn.data import shards
-from rgnn.data.coco import read_coco
 from rgnn.model import RGNN, ModelConfig
-from rgnn.proposals import ProposalParams
 from rgnn.training import Hooks, TrainState, model_config, run_stages
-from sharding.build_shards import build_shards
-
-
-@pytest.fixture(scope="module")
-def shard_root(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    for split in ("train2017", "val2017"):
-        build_shards(read_coco(synthetic_root, split), out, actors=0, shard_size=60_000,
-                     params=ProposalParams(max_boxes=16), progress=False)
-    return out
 
 
 def tiny_cfg(shard_root, **kw) -> TrainConfig:

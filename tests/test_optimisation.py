@@ -1,0 +1,104 @@
+"""Optimisation beside the paper's recipe: rate schedules, gradient accumulation, clipping, AdamW."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rgnn.config import TrainConfig, resolve
+from rgnn.data import shards
+from rgnn.data.transforms import Preprocess
+from rgnn.engine import StageModel, train_one_epoch
+from rgnn.model import RGNN
+from rgnn.schedule import lr_factor, set_trainable
+from rgnn.training import Hooks, model_config, run_stages
+
+
+def test_lr_factor_warms_up_then_follows_its_family():
+    assert lr_factor(0.0) == lr_factor(1.0) == 1.0  # the paper's constant rate
+    assert lr_factor(0.0, "cosine", 0.2) == pytest.approx(0.1) and lr_factor(0.1, "cosine", 0.2) == pytest.approx(0.55)
+    assert lr_factor(0.2, "cosine", 0.2) == pytest.approx(1.0) and lr_factor(1.0, "cosine", 0.2) == pytest.approx(0.0)
+    assert lr_factor(0.6, "cosine") == pytest.approx((1 + torch.cos(torch.tensor(0.6 * torch.pi)).item()) / 2)
+    assert lr_factor(0.6, "step") == 1.0 and lr_factor(0.7, "step") == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(0.5, "linear-ish")
+    with pytest.raises(ValueError, match="warmup"):
+        lr_factor(0.5, "cosine", 1.0)
+
+
+def tiny(shard_root, **kw) -> TrainConfig:
+    return resolve(TrainConfig.from_flat({"shards": str(shard_root), "smoke_test": True, "max_regions": 8,
+                                          "image_size": 96, "global_size": 64, "dropout": 0.0, **kw}))
+
+
+def one_update(cfg: TrainConfig, shard_root, model: RGNN, batch_size: int, images: int, **options) -> dict:
+    """Train the global stage on the first `images` training images in batches of `batch_size` with
+    plain SGD (whose update is proportional to the gradient, so sums and scales show)."""
+    params = set_trainable(model, "global")
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    loader = shards.shard_loader(shard_root / "train2017", Preprocess.for_stage(cfg.input, model.cfg, "global"),
+                                 batch_size=batch_size, shuffle=False, num_workers=0)
+    batches = [b for _, b in zip(range(images // batch_size), loader)]
+    norms = []
+    train_one_epoch(StageModel(model, "global"), batches, optimizer, "global", model.cfg.num_classes,
+                    torch.device("cpu"), on_step=lambda step, v: norms.append(v.get("grad_norm")), **options)
+    return {"state": model.state_dict(), "norms": norms}
+
+
+def test_accumulating_batches_updates_as_the_large_batch_does(shard_root):
+    cfg = tiny(shard_root)
+    names = shards.class_names(shard_root / "train2017")
+    torch.manual_seed(0)
+    start = RGNN(model_config(cfg, len(names)))
+    big = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=8, images=8)["state"]
+    accumulated = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=2, images=8, accumulate=4)["state"]
+    separate = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=2, images=8)["state"]
+    moved = [k for k in big if not torch.equal(big[k], start.state_dict()[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(accumulated[k], big[k], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(separate[k], big[k], atol=1e-5) for k in moved)  # 4 updates are not 1
+    # an epoch that ends inside a group updates with the mean over the batches it has: 2 of 3
+    short = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=8)["state"]  # 2 batches of 4,
+    grouped = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=8, accumulate=3)["state"]
+    assert any(not torch.allclose(short[k], grouped[k], atol=1e-6) for k in moved)  # 1 update, not 2
+    whole = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=8, images=8)["state"]
+    for k in moved:
+        torch.testing.assert_close(grouped[k], whole[k], rtol=1e-4, atol=1e-6)
+
+
+def test_clipping_bounds_the_gradient_norm_of_each_update(shard_root):
+    cfg = tiny(shard_root)
+    names = shards.class_names(shard_root / "train2017")
+    torch.manual_seed(0)
+    start = RGNN(model_config(cfg, len(names)))
+    free = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4)["state"]
+    clipped = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, clip_norm=1e-3)
+    assert clipped["norms"][0] > 1e-3  # the norm before clipping is reported
+    step = torch.cat([(clipped["state"][k] - start.state_dict()[k]).flatten() for k in free]) / 0.1
+    free_step = torch.cat([(free[k] - start.state_dict()[k]).flatten() for k in free]) / 0.1
+    assert step.norm() == pytest.approx(1e-3, rel=1e-3)  # SGD moved by lr x the clipped gradient
+    assert free_step.norm() == pytest.approx(clipped["norms"][0], rel=1e-3)
+
+
+def test_run_stages_follows_the_rate_schedule_and_takes_adamw(shard_root):
+    cfg = tiny(shard_root, epochs=[2, 0, 0, 0], gate="none", batch_size=6, lr=0.01, lr_schedule="cosine",
+               warmup=0.25, weight_decay=0.05)
+    names = shards.class_names(shard_root / "train2017")
+    torch.manual_seed(0)
+    model = RGNN(model_config(cfg, len(names)))
+    rates = []
+    run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017", torch.device("cpu"),
+               hooks=Hooks(on_step=lambda step, values: rates.append(values["train/lr"])))
+    steps = shards.steps_per_epoch(shard_root / "train2017", 6, 1)
+    assert len(rates) == 2 * steps
+    expected = [0.01 * lr_factor(i / (2 * steps - 1), "cosine", 0.25) for i in range(2 * steps)]
+    assert rates == pytest.approx(expected)
+
+
+def test_optimisation_settings_are_checked():
+    for bad in ({"accumulate": 0}, {"clip_norm": 0.0}, {"weight_decay": -1.0}, {"warmup": 1.0},
+                {"lr_schedule": "linear"}):
+        with pytest.raises(ValueError):
+            resolve(TrainConfig.from_flat(bad))

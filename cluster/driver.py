@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -104,7 +105,9 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(name=c.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # the best two by val mAP are kept beside the latest (which resumes)
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val/mAP",
+                                                                checkpoint_score_order="max"),
                              callbacks=callbacks),
     )
     client = MlflowClient(uri)
@@ -119,12 +122,24 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
     metrics = client.get_run(run_id).data.metrics
     summary = {"run_id": run_id,
                "checkpoint": str(Path(result.checkpoint.path) / "checkpoint.pt") if result.checkpoint else None,
+               "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
                "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
                "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment}
     if summary_path:
         write_json(summary_path, summary)
     return summary
+
+
+def best_checkpoint(kept: list[tuple]) -> dict | None:
+    """Of Ray's kept (checkpoint, metrics) pairs, the one with the highest val mAP (epochs without an
+    evaluation have none): {"checkpoint", "stage", "epoch", "val_mAP"}, or None."""
+    scored = [(m["val/mAP"], c, m) for c, m in kept if not math.isnan(m.get("val/mAP", math.nan))]
+    if not scored:
+        return None
+    score, checkpoint, metrics = max(scored, key=lambda t: t[0])
+    return {"checkpoint": str(Path(checkpoint.path) / "checkpoint.pt"), "stage": metrics["stage"],
+            "epoch": metrics["epoch"], "val_mAP": score}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,4 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  final val mAP: {final[-1][1]:.4f}")
     if summary["gates"]:
         print("  gates on the val proposals: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["gates"].items()))
-    print(f"  final checkpoint: {summary['checkpoint']}")
+    print(f"  final checkpoint (the model logged to MLflow): {summary['checkpoint']}")
+    if summary["best_checkpoint"]:
+        b = summary["best_checkpoint"]
+        print(f"  best checkpoint by val mAP ({b['val_mAP']:.4f}, {b['stage']} epoch {b['epoch']}): {b['checkpoint']}")

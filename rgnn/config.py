@@ -76,6 +76,7 @@ class ScheduleConfig:
     weight_decay: float = 0.0  # > 0: AdamW with this decoupled weight decay
     clip_norm: float | None = None  # the gradients' global norm is clipped to this
     accumulate: int = 1  # batches per update (an effective batch of accumulate x batch_size x workers)
+    ema: float = 0.0  # > 0: the decay of an EMA of the weights, evaluated beside them (rgnn.ema)
     eval_every_epoch: bool = False
     seed: int = 0
 
@@ -306,6 +307,8 @@ def _check(cfg: TrainConfig) -> None:
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"stage_lr[{stage!r}]={lr!r}: expected a rate > 0")
     lr_factor(0.0, s.lr_schedule, s.warmup)  # checks the warm-up
+    if not 0.0 <= s.ema < 1.0:
+        raise ValueError(f"ema={s.ema}: expected a decay in (0, 1), or 0 for none")
     if s.weight_decay < 0 or s.accumulate < 1 or (s.clip_norm is not None and not s.clip_norm > 0):
         raise ValueError(f"weight_decay={s.weight_decay} must be >= 0, accumulate={s.accumulate} >= 1 and "
                          f"clip_norm={s.clip_norm} > 0")
@@ -399,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--clip-norm", type=float, help="clip the gradients' global norm to this (default: no clipping)")
     o.add_argument("--accumulate", type=int, help="batches per update: effective batch = accumulate x batch size x "
                                                   "workers, at the rate you give (default 1)")
+    o.add_argument("--ema", type=float, help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
+                                             "weights; at each stage's end the better on the val split goes on "
+                                             "(default 0: none)")
     s.add_argument("--image-size", type=int, help="shorter side of the free-size regional input")
     s.add_argument("--max-size", type=int, help="cap on the longer side (default 2x image size)")
     s.add_argument("--global-size", type=int, help="side of the size-normalised stage-1 input")

@@ -77,7 +77,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
                     num_classes: int, device: torch.device, lam_at: Callable[[int], float] = lambda step: 0.0,
                     on_step: Callable[[int, dict], None] | None = None, class_aware: bool = False,
                     lr_at: Callable[[int], float] | None = None, accumulate: int = 1,
-                    clip_norm: float | None = None) -> dict[str, float]:
+                    clip_norm: float | None = None, on_update: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over `loader` for `stage`.
 
     Args:
@@ -92,6 +92,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             over images); the epoch's last, shorter group is the mean over its batches. Under DDP the
             batches before an update skip the gradient all-reduce (`no_sync`).
         clip_norm: the gradients' global norm is clipped to this before each update (None: not clipped).
+        on_update: called after each update (an EMA of the weights follows them there).
 
     Returns:
         the epoch's mean loss_cls, loss_loc, the last lambda and the step (batch) count.
@@ -125,6 +126,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             pending = 0
+            if on_update is not None:
+                on_update()
         for k in sums:
             sums[k] += values[k]
         steps += 1

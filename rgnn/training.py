@@ -18,6 +18,7 @@ from torch import nn
 from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
+from rgnn.ema import EMA
 from rgnn.engine import (StageModel, batch_loss, collect_scores, gather_predictions, stage_progress,
                          train_one_epoch)
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
@@ -38,6 +39,7 @@ class TrainState:
     global_step: int = 0
     maps: dict[str, float] = field(default_factory=dict)
     optimizer: dict | None = None
+    ema: dict | None = None  # the stage's EMA of the weights (rgnn.ema), with --ema
     last_map: float = float("nan")
 
     def to_dict(self) -> dict:
@@ -157,6 +159,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
         if first_epoch and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         preprocess = Preprocess.for_stage(inputs, model.cfg, stage)
+        # an EMA restarts with each stage: what trains, and the loss, change there
+        ema = EMA(model, s.ema, state.ema if first_epoch else None) if s.ema else None
         for epoch in range(first_epoch, epochs):
             loader = shards.shard_loader(train_dir, preprocess, batch_size=s.batch_size, rank=rank, world_size=world,
                                          num_workers=cfg.cluster.loader_workers, shuffle=True, seed=s.seed,
@@ -179,7 +183,7 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                 before = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
             stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
                                     class_aware=s.gate_target == "class", lr_at=lr_at, accumulate=s.accumulate,
-                                    clip_norm=s.clip_norm)
+                                    clip_norm=s.clip_norm, on_update=None if ema is None else (lambda: ema.update(model)))
             if probe is not None:
                 after = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
                 if stalled(before, after):
@@ -191,8 +195,20 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                        "train/loss_loc": stats["loss_loc"], "train/lambda": stats["lambda"]}
             result = None
             if done or s.eval_every_epoch:
-                result = validate(model, stage, val_dir, inputs, s.batch_size, rank=rank, world=world, device=device,
-                                  loader_workers=cfg.cluster.loader_workers, voc07=voc07, oracle=s.oracle_gates)
+                def evaluate() -> dict:
+                    return validate(model, stage, val_dir, inputs, s.batch_size, rank=rank, world=world, device=device,
+                                    loader_workers=cfg.cluster.loader_workers, voc07=voc07, oracle=s.oracle_gates)
+
+                result = evaluate()
+                if ema is not None:  # the averaged weights beside the raw ones; at a stage's end the better on val go on
+                    with ema.applied(model):
+                        averaged = evaluate()
+                    metrics.update({"val/raw_mAP": result["mAP"], "val/ema_mAP": averaged["mAP"]})
+                    if done:
+                        metrics["val/ema_chosen"] = float(averaged["mAP"] > result["mAP"])
+                        if averaged["mAP"] > result["mAP"]:
+                            ema.copy_to(model)
+                            result = averaged
                 state.last_map = result["mAP"]
                 metrics.update({"val/CF1": result["CF1"], "val/OF1": result["OF1"],
                                 **{f"val/{k}": result[k] for k in GATE_METRICS if k in result}})
@@ -201,9 +217,10 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                     final = (stage, result)
             metrics["val/mAP"] = state.last_map
             state.stage, state.epoch, state.optimizer = stage, epoch + 1, optimizer.state_dict()
+            state.ema = None if ema is None else ema.state_dict()
             if hooks.on_epoch is not None:
                 hooks.on_epoch(state, metrics, result)
             if hooks.report is not None:
                 hooks.report(state, {**metrics, "maps": dict(state.maps)})
-        state.epoch, state.optimizer = 0, None
+        state.epoch, state.optimizer, state.ema = 0, None, None
     return final

@@ -102,3 +102,47 @@ def test_optimisation_settings_are_checked():
                 {"lr_schedule": "linear"}):
         with pytest.raises(ValueError):
             resolve(TrainConfig.from_flat(bad))
+
+
+def test_ema_follows_the_weights_with_its_warm_up_and_swaps_back():
+    from rgnn.ema import EMA
+
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = EMA(net, decay=0.9)
+    expected = torch.zeros(1, 2)
+    for n, value in enumerate([1.0, 2.0, 3.0], start=1):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update(net)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    with ema.applied(net):
+        torch.testing.assert_close(net.weight.detach(), expected)
+    assert torch.equal(net.weight.detach(), torch.full((1, 2), 3.0))  # the raw weights are back
+    again = EMA(net, 0.9, state=ema.state_dict())  # a resumed stage continues the average
+    assert again.updates == 3 and torch.equal(again.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(ValueError, match="ema"):
+        EMA(net, 1.0)
+
+
+def test_run_stages_evaluates_the_ema_and_keeps_the_better_on_val(shard_root):
+    cfg = tiny(shard_root, epochs=[2, 0, 0, 0], gate="none", batch_size=6, ema=0.9)
+    names = shards.class_names(shard_root / "train2017")
+    torch.manual_seed(0)
+    model = RGNN(model_config(cfg, len(names)))
+    reports = []
+    stage, result = run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017",
+                               torch.device("cpu"), hooks=Hooks(report=lambda s, m: reports.append((s.to_dict(), m))))
+    state, last = reports[-1]
+    assert {"val/raw_mAP", "val/ema_mAP", "val/ema_chosen"} <= set(last)
+    best = max(last["val/raw_mAP"], last["val/ema_mAP"])
+    assert result["mAP"] == pytest.approx(best) and state["maps"]["global"] == pytest.approx(best)
+    assert state["ema"] is not None and state["ema"]["updates"] == 2 * shards.steps_per_epoch(
+        shard_root / "train2017", 6, 1)
+    again = RGNN(model_config(cfg, len(names)))  # the kept weights are the ones that scored `best`
+    again.load_state_dict(model.state_dict())
+    from rgnn.training import validate
+    assert validate(again, "global", shard_root / "val2017", cfg.input, 6)["mAP"] == pytest.approx(best)

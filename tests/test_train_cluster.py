@@ -71,6 +71,9 @@ def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatc
     assert list(summary["map"]) == STAGES
     assert all(0.0 <= v <= 1.0 for v in summary["map"].values())
     assert Path(summary["checkpoint"]).is_file()
+    best = summary["best_checkpoint"]  # kept beside the latest: the stage whose val mAP was highest
+    assert best["val_mAP"] == pytest.approx(max(summary["map"].values())) and Path(best["checkpoint"]).is_file()
+    assert summary["map"][best["stage"]] == pytest.approx(best["val_mAP"])
     client = MlflowClient(db)
     mlrun = client.get_run(summary["run_id"])
     assert mlrun.info.status == "FINISHED"
@@ -210,3 +213,16 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert run.returncode != 0
     assert "127.0.0.1" in run.stderr and "reach" in run.stderr
     assert time.time() - start < 60
+
+
+def test_best_checkpoint_is_the_highest_val_map_among_the_kept():
+    from types import SimpleNamespace
+
+    from cluster.driver import best_checkpoint
+
+    kept = [(SimpleNamespace(path=f"/runs/c{i}"), {"stage": s, "epoch": e, "val/mAP": m})
+            for i, (s, e, m) in enumerate([("global", 1, 0.5), ("regional", 1, float("nan")), ("regional", 2, 0.8),
+                                           ("joint", 2, 0.7)])]
+    assert best_checkpoint(kept) == {"checkpoint": "/runs/c2/checkpoint.pt", "stage": "regional", "epoch": 2,
+                                     "val_mAP": 0.8}
+    assert best_checkpoint(kept[1:2]) is None and best_checkpoint([]) is None

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import yaml
 
 from rgnn.backbones import BACKBONES
-from rgnn.data.transforms import PAPER_INPUT, InputConfig
+from rgnn.data.transforms import PAPER_INPUT, Augment, InputConfig
 from rgnn.losses import GATE_TARGETS
 from rgnn.model import GATES, POOL_LAYERS, ModelConfig
 from rgnn.pooling import SCALES
@@ -113,6 +113,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=_model_defaults)
     input: InputConfig = field(default_factory=InputConfig)
+    augment: Augment = field(default_factory=Augment)  # training loaders only
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -317,6 +318,7 @@ def _check(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.model.dropout < 1.0 or s.lr <= 0:
         raise ValueError(f"dropout={cfg.model.dropout} must be in [0, 1) and lr={s.lr} > 0")
     cfg.input.validate()
+    cfg.augment.validate()
     if s.gate_target == "class" and not (cfg.model.gate == "feature" and cfg.model.pool_layer in ("fc8", "softmax")):
         raise ValueError("--gate-target class needs feature-level gates on a layer with one dimension per class "
                          f"(--gate feature, --pool-layer fc8 or softmax), got gate {cfg.model.gate!r}, "
@@ -344,11 +346,11 @@ def load_file(path: str | Path) -> dict:
     return data
 
 
-def _epochs(text: str) -> list[int]:
+def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected E1,E2,E3,E4 integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per 16 "
                         "images), scaled with the batch; default: fine-tune for pretrained weights, scratch for random")
     s = p.add_argument_group("schedule")
-    s.add_argument("--epochs", type=_epochs, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's "
+    s.add_argument("--epochs", type=_ints, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's "
                                                   "10,10,10,20, on the built-in set 4,4,4,4")
     s.add_argument("--lr", type=float, help="Adam learning rate, all stages (default: the recipe's, scaled with the batch)")
     s.add_argument("--dropout", type=float, help="dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 for "
@@ -402,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--clip-norm", type=float, help="clip the gradients' global norm to this (default: no clipping)")
     o.add_argument("--accumulate", type=int, help="batches per update: effective batch = accumulate x batch size x "
                                                   "workers, at the rate you give (default 1)")
+    o.add_argument("--flip", action="store_true",
+                   help="training images mirrored left-right at random, proposals and ground-truth boxes with them")
+    o.add_argument("--train-sizes", type=_ints, help="multi-scale training: shorter sides drawn per image, e.g. "
+                                                       "480,576,688,864 (default: --image-size only)")
+    o.add_argument("--color-jitter", type=float, help="brightness, contrast and saturation factors drawn from "
+                                                      "[1 - j, 1 + j] per training image (default 0: none)")
     o.add_argument("--ema", type=float, help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
                                              "weights; at each stage's end the better on the val split goes on "
                                              "(default 0: none)")

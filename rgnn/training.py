@@ -158,7 +158,7 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                      else torch.optim.Adam(params, lr=s.lr_for(stage)))
         if first_epoch and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
-        preprocess = Preprocess.for_stage(inputs, model.cfg, stage)
+        preprocess = Preprocess.for_stage(inputs, model.cfg, stage, cfg.augment)
         # an EMA restarts with each stage: what trains, and the loss, change there
         ema = EMA(model, s.ema, state.ema if first_epoch else None) if s.ema else None
         for epoch in range(first_epoch, epochs):

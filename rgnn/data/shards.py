@@ -43,7 +43,6 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from rgnn.boxes import scale_boxes
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord
 from rgnn.data.transforms import Batch, Preprocess, collate
@@ -191,13 +190,12 @@ class SampleTransform:
 
     def __call__(self, sample: dict, where: str) -> dict:
         image, boxes, scores, rec = _decode_sample(sample, where)
-        p = self.preprocess(image, boxes, scores)
-        (h, w), (sx, sy) = p.size, p.scale
+        p = self.preprocess(image, boxes, scores, rec.gt_boxes)
         return {
             "image": p.image, "boxes": p.boxes,
             "target": torch.from_numpy(rec.target(self.num_classes)),
             "ignore": torch.from_numpy(rec.difficult_only(self.num_classes)),
-            "gt_boxes": scale_boxes(rec.gt_boxes, sx, sy, w, h),
+            "gt_boxes": p.gt_boxes,
             "gt_classes": torch.from_numpy(rec.gt_classes), "id": rec.image_id,
         }
 

@@ -8,7 +8,7 @@ as timm's pretrained cfg carries them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -47,6 +47,48 @@ class InputConfig:
                 raise ValueError(f"{name}={value!r}: expected an int >= 1")
         if not isinstance(self.max_regions, int) or self.max_regions < 0:
             raise ValueError(f"max_regions={self.max_regions!r}: expected an int >= 0")
+
+
+@dataclass
+class Augment:
+    """Training-time augmentation (issue 15; the paper names none). Proposals and ground-truth boxes
+    move with the image; evaluation and prediction never augment.
+
+    Attributes:
+        flip: mirror left-right with probability 1/2.
+        sizes: shorter sides drawn uniformly per image for the free-size input (Fast R-CNN's
+            multi-scale training; the longer-side cap scales with it); () keeps InputConfig's.
+        jitter: colour jitter strength j: brightness, contrast and saturation each multiplied by a
+            factor drawn from [1 - j, 1 + j]; 0 is none.
+    """
+
+    flip: bool = False
+    sizes: tuple[int, ...] = field(default=(), metadata={"flat": "train_sizes"})
+    jitter: float = field(default=0.0, metadata={"flat": "color_jitter"})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        self.sizes = tuple(self.sizes)
+        if any(not isinstance(v, int) or v < 1 for v in self.sizes):
+            raise ValueError(f"train_sizes={list(self.sizes)}: expected shorter sides >= 1")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"color_jitter={self.jitter}: expected a strength in [0, 1)")
+
+
+def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Boxes Tensor[K, 4] of an image `width` wide -> the same boxes in the left-right mirrored image."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def jitter_colour(image: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """uint8 ndarray[H, W, 3] -> the same with its brightness, contrast (about the mean grey) and
+    saturation (about each pixel's grey) multiplied by the factors."""
+    luma = np.float32([0.299, 0.587, 0.114])
+    x = image.astype(np.float32) * brightness  # (H, W, 3)
+    mean = float((x @ luma).mean())
+    x = (x - mean) * contrast + mean
+    grey = (x @ luma)[..., None]  # (H, W, 1)
+    return np.clip((x - grey) * saturation + grey, 0, 255).astype(np.uint8)
 
 
 # The paper's input (section 4.2 with Fast R-CNN's scale): shorter side 600, longer side <= 1000,
@@ -94,40 +136,58 @@ def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 @dataclass
 class Prepared:
     """One image ready for the network: float Tensor[3, h, w] normalised, its (h, w), the top-T
-    proposals Tensor[K, 4] in resized pixels, and (sx, sy) from original to resized pixels."""
+    proposals Tensor[K, 4] in resized pixels, (sx, sy) from original to resized pixels (before any
+    flip), and the ground-truth boxes Tensor[G, 4] in resized (and flipped) pixels when given."""
 
     image: torch.Tensor
     size: tuple[int, int]
     boxes: torch.Tensor
     scale: tuple[float, float]
+    gt_boxes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """The input transform of one stage: `InputConfig` + the model's normalisation.
 
-    `whole_image` is stage 1's size-normalised input with no regions (section 4.2).
+    `whole_image` is stage 1's size-normalised input with no regions (section 4.2). `augment` is for
+    training loaders only; its random draws come from torch's generator (seeded per DataLoader worker).
     """
 
     inputs: InputConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
     whole_image: bool = False
+    augment: Augment = field(default_factory=Augment)
 
     @classmethod
-    def for_stage(cls, inputs: InputConfig, model_cfg, stage: str) -> "Preprocess":
+    def for_stage(cls, inputs: InputConfig, model_cfg, stage: str, augment: Augment | None = None) -> "Preprocess":
         """The input of `stage` for a model whose config (rgnn.model.ModelConfig) holds mean/std."""
-        return cls(inputs, tuple(model_cfg.mean), tuple(model_cfg.std), whole_image=stage == "global")
+        return cls(inputs, tuple(model_cfg.mean), tuple(model_cfg.std), whole_image=stage == "global",
+                   augment=augment or Augment())
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> Prepared:
-        """uint8 ndarray[H, W, 3], proposals float ndarray[T, 4] in its pixels, scores ndarray[T] -> Prepared."""
-        c = self.inputs
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                 gt_boxes: np.ndarray | None = None) -> Prepared:
+        """uint8 ndarray[H, W, 3], proposals float ndarray[T, 4] in its pixels, scores ndarray[T], and
+        optionally ground-truth boxes float ndarray[G, 4] in its pixels -> Prepared."""
+        c, a = self.inputs, self.augment
         if self.whole_image and c.global_size is None:
             raise ValueError("the global stage's input needs global_size")
-        out, (sx, sy) = resize_image(image, c.image_size, c.max_size, c.global_size if self.whole_image else None)
+        size, max_size = c.image_size, c.max_size
+        if a.sizes and not self.whole_image:
+            size = a.sizes[int(torch.randint(len(a.sizes), ()))]
+            max_size = round((c.max_size or 2 * c.image_size) * size / c.image_size)
+        out, (sx, sy) = resize_image(image, size, max_size, c.global_size if self.whole_image else None)
         h, w = out.shape[:2]
         keep = boxes[:0] if self.whole_image else boxes[np.argsort(-scores, kind="stable")[:c.max_regions]]
-        return Prepared(normalize(out, self.mean, self.std), (h, w), scale_boxes(keep, sx, sy, w, h), (sx, sy))
+        keep = scale_boxes(keep, sx, sy, w, h)
+        gt = None if gt_boxes is None else scale_boxes(gt_boxes, sx, sy, w, h)
+        if a.jitter:
+            out = jitter_colour(out, *(1.0 + a.jitter * (2 * torch.rand(3).numpy() - 1)))
+        if a.flip and torch.rand(()) < 0.5:
+            out, keep = out[:, ::-1], flip_boxes(keep, w)
+            gt = None if gt is None else flip_boxes(gt, w)
+        return Prepared(normalize(out, self.mean, self.std), (h, w), keep, (sx, sy), gt)
 
 
 def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ import yaml
 
 from rgnn.backbones import BACKBONES
 from rgnn.data.transforms import PAPER_INPUT, Augment, InputConfig
+from rgnn.engine import PRECISIONS
 from rgnn.losses import GATE_TARGETS
 from rgnn.model import GATES, POOL_LAYERS, ModelConfig
 from rgnn.pooling import SCALES
@@ -77,6 +78,7 @@ class ScheduleConfig:
     clip_norm: float | None = None  # the gradients' global norm is clipped to this
     accumulate: int = 1  # batches per update (an effective batch of accumulate x batch_size x workers)
     ema: float = 0.0  # > 0: the decay of an EMA of the weights, evaluated beside them (rgnn.ema)
+    precision: str = "auto"  # the training forward's autocast: bf16 on GPUs, fp32 elsewhere (rgnn.engine)
     eval_every_epoch: bool = False
     seed: int = 0
 
@@ -291,7 +293,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 # flag choices and checks share these tuples
 CHOICES = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS,
            "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES, "gate_target": GATE_TARGETS,
-           "lr_schedule": LR_SCHEDULES}
+           "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS}
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -410,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "480,576,688,864 (default: --image-size only)")
     o.add_argument("--color-jitter", type=float, help="brightness, contrast and saturation factors drawn from "
                                                       "[1 - j, 1 + j] per training image (default 0: none)")
+    o.add_argument("--precision", choices=PRECISIONS, help="training autocast: auto (default: bf16 on GPUs, fp32 on "
+                                                           "CPUs), fp32, bf16, or fp16 (with a loss scaler)")
     o.add_argument("--ema", type=float, help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
                                              "weights; at each stage's end the better on the val split goes on "
                                              "(default 0: none)")

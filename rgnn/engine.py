@@ -77,7 +77,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
                     num_classes: int, device: torch.device, lam_at: Callable[[int], float] = lambda step: 0.0,
                     on_step: Callable[[int, dict], None] | None = None, class_aware: bool = False,
                     lr_at: Callable[[int], float] | None = None, accumulate: int = 1,
-                    clip_norm: float | None = None, on_update: Callable[[], None] | None = None) -> dict[str, float]:
+                    clip_norm: float | None = None, on_update: Callable[[], None] | None = None,
+                    precision: str = "auto", scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over `loader` for `stage`.
 
     Args:
@@ -93,12 +94,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             batches before an update skip the gradient all-reduce (`no_sync`).
         clip_norm: the gradients' global norm is clipped to this before each update (None: not clipped).
         on_update: called after each update (an EMA of the weights follows them there).
+        precision: the forward pass's autocast (see `autocast_dtype`); the loss is float32 regardless.
+        scaler: fp16's loss scaler, kept by the caller across epochs (made here when fp16 needs one).
 
     Returns:
         the epoch's mean loss_cls, loss_loc, the last lambda and the step (batch) count.
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    dtype = autocast_dtype(precision, device)
+    if dtype == torch.float16 and scaler is None:
+        scaler = torch.amp.GradScaler(device.type)
     sums, steps, lam, pending = {"loss_cls": 0.0, "loss_loc": 0.0}, 0, 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for step, (batch, last) in enumerate(_mark_last(loader)):
@@ -107,23 +113,30 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         pending += 1
         update = pending == accumulate or last
         with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # AMP on GPUs
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 losses = stage_losses(model(batch), batch, stage, lam, num_classes, class_aware)
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"{stage} stage step {step}: loss is {losses['loss'].item()}")
-            (losses["loss"] / accumulate).backward()
+            loss = losses["loss"] / accumulate
+            (loss if scaler is None else scaler.scale(loss)).backward()
         values = {k: losses[k].item() for k in sums}
         if update:
             if pending < accumulate:
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(accumulate / pending)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clipping and the step see the true gradients
             if clip_norm is not None:
                 values["grad_norm"] = nn.utils.clip_grad_norm_(params, clip_norm).item()
             if lr_at is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:  # skips the step when fp16 overflowed, and adapts the scale
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             pending = 0
             if on_update is not None:
@@ -134,6 +147,19 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         if on_step is not None:
             on_step(step, {**values, "lambda": lam})
     return {**{k: v / max(steps, 1) for k, v in sums.items()}, "lambda": lam, "steps": steps}
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype, None for plain float32. "auto" is bfloat16 on GPUs (no
+    loss scaling needed) and float32 elsewhere; fp16 needs a loss scaler (train_one_epoch makes it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _mark_last(items: Iterable) -> Iterator[tuple[object, bool]]:

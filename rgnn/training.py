@@ -19,7 +19,7 @@ from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
 from rgnn.ema import EMA
-from rgnn.engine import (StageModel, batch_loss, collect_scores, gather_predictions, stage_progress,
+from rgnn.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, stage_progress,
                          train_one_epoch)
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
@@ -159,6 +159,7 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
         if first_epoch and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         preprocess = Preprocess.for_stage(inputs, model.cfg, stage, cfg.augment)
+        scaler = torch.amp.GradScaler(device.type) if autocast_dtype(s.precision, device) == torch.float16 else None
         # an EMA restarts with each stage: what trains, and the loss, change there
         ema = EMA(model, s.ema, state.ema if first_epoch else None) if s.ema else None
         for epoch in range(first_epoch, epochs):
@@ -183,7 +184,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                 before = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
             stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
                                     class_aware=s.gate_target == "class", lr_at=lr_at, accumulate=s.accumulate,
-                                    clip_norm=s.clip_norm, on_update=None if ema is None else (lambda: ema.update(model)))
+                                    clip_norm=s.clip_norm, on_update=None if ema is None else (lambda: ema.update(model)),
+                                    precision=s.precision, scaler=scaler)
             if probe is not None:
                 after = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
                 if stalled(before, after):

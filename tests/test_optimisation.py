@@ -146,3 +146,31 @@ def test_run_stages_evaluates_the_ema_and_keeps_the_better_on_val(shard_root):
     again.load_state_dict(model.state_dict())
     from rgnn.training import validate
     assert validate(again, "global", shard_root / "val2017", cfg.input, 6)["mAP"] == pytest.approx(best)
+
+
+def test_precision_picks_the_autocast_and_fp16_scales_the_loss(shard_root):
+    from rgnn.engine import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cuda")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16  # the GPU default
+    assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("int8", torch.device("cpu"))
+    cfg = tiny(shard_root)
+    names = shards.class_names(shard_root / "train2017")
+    torch.manual_seed(0)
+    start = RGNN(model_config(cfg, len(names)))
+    full = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4)["state"]
+    half = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, precision="bf16")["state"]
+    moved = [k for k in full if not torch.equal(full[k], start.state_dict()[k])]
+    step = torch.cat([(full[k] - start.state_dict()[k]).flatten() for k in moved])
+    half_step = torch.cat([(half[k] - start.state_dict()[k]).flatten() for k in moved])
+    assert not torch.equal(step, half_step)  # autocast ran the forward in bfloat16 ...
+    assert torch.nn.functional.cosine_similarity(step, half_step, 0) > 0.9  # ... and the update is nearly the same
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fp16 = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, precision="fp16", scaler=scaler)
+    fp16_step = torch.cat([(fp16["state"][k] - start.state_dict()[k]).flatten() for k in moved])
+    assert torch.nn.functional.cosine_similarity(step, fp16_step, 0) > 0.9 and fp16_step.norm() < 2 * step.norm()
+    huge = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # fp16 gradients overflow: the step is skipped
+    skipped = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, precision="fp16", scaler=huge)
+    assert all(torch.equal(skipped["state"][k], start.state_dict()[k]) for k in moved) and huge.get_scale() < 2.0 ** 40

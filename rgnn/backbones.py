@@ -90,8 +90,12 @@ class Backbone(nn.Module):
         return self.trunk(images)  # (N, F, H/16, W/16)
 
     def region_inputs(self, features: Tensor, rois: Tensor) -> Tensor:
-        """Tensor[N, F, h, w], rois Tensor[R, 5] -> fc6 inputs Tensor[R, fc6 input]: one RoI call for the batch."""
-        return self.neck(self.roi(features, rois))  # (R, F*k*k) or (R, F)
+        """Tensor[N, F, h, w], rois Tensor[R, 5] -> fc6 inputs Tensor[R, fc6 input]: one RoI call for the batch.
+
+        RoI pooling runs in float32 under autocast too (features cast up, box coordinates kept: in
+        bfloat16 a coordinate near 1000 px would round to 4 px), as torchvision's CUDA autocast does;
+        its CPU kernel refuses mixed types."""
+        return self.neck(self.roi(features.float(), rois))  # (R, F*k*k) or (R, F)
 
     def global_inputs(self, features: Tensor) -> Tensor:
         """Tensor[N, F, h, w] -> fc6 inputs Tensor[N, fc6 input] of the whole images (stage 1)."""

@@ -46,38 +46,49 @@ def one_update(cfg: TrainConfig, shard_root, model: RGNN, batch_size: int, image
     return {"state": model.state_dict(), "norms": norms}
 
 
-def test_accumulating_batches_updates_as_the_large_batch_does(shard_root):
+@pytest.fixture
+def update(shard_root):
+    """update(batch_size=, images=, **options) -> one_update from the same seed-0 model each time;
+    update.start is that model's state."""
     cfg = tiny(shard_root)
-    names = shards.class_names(shard_root / "train2017")
     torch.manual_seed(0)
-    start = RGNN(model_config(cfg, len(names)))
-    big = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=8, images=8)["state"]
-    accumulated = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=2, images=8, accumulate=4)["state"]
-    separate = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=2, images=8)["state"]
-    moved = [k for k in big if not torch.equal(big[k], start.state_dict()[k])]
+    start = RGNN(model_config(cfg, len(shards.class_names(shard_root / "train2017"))))
+
+    def run(**kw) -> dict:
+        return one_update(cfg, shard_root, copy.deepcopy(start), **kw)
+
+    run.start = start.state_dict()
+    return run
+
+
+def moved_by(state: dict, start: dict, keys) -> torch.Tensor:
+    """The update, flattened over `keys`."""
+    return torch.cat([(state[k] - start[k]).flatten() for k in keys])
+
+
+def test_accumulating_batches_updates_as_the_large_batch_does(update):
+    big = update(batch_size=8, images=8)["state"]
+    accumulated = update(batch_size=2, images=8, accumulate=4)["state"]
+    separate = update(batch_size=2, images=8)["state"]
+    moved = [k for k in big if not torch.equal(big[k], update.start[k])]
     assert moved
     for k in moved:
         torch.testing.assert_close(accumulated[k], big[k], rtol=1e-4, atol=1e-6)
     assert any(not torch.allclose(separate[k], big[k], atol=1e-5) for k in moved)  # 4 updates are not 1
     # an epoch that ends inside a group updates with the mean over the batches it has: 2 of 3
-    short = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=8)["state"]  # 2 batches of 4,
-    grouped = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=8, accumulate=3)["state"]
+    short = update(batch_size=4, images=8)["state"]  # 2 batches of 4,
+    grouped = update(batch_size=4, images=8, accumulate=3)["state"]
     assert any(not torch.allclose(short[k], grouped[k], atol=1e-6) for k in moved)  # 1 update, not 2
-    whole = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=8, images=8)["state"]
     for k in moved:
-        torch.testing.assert_close(grouped[k], whole[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grouped[k], big[k], rtol=1e-4, atol=1e-6)
 
 
-def test_clipping_bounds_the_gradient_norm_of_each_update(shard_root):
-    cfg = tiny(shard_root)
-    names = shards.class_names(shard_root / "train2017")
-    torch.manual_seed(0)
-    start = RGNN(model_config(cfg, len(names)))
-    free = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4)["state"]
-    clipped = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, clip_norm=1e-3)
+def test_clipping_bounds_the_gradient_norm_of_each_update(update):
+    free = update(batch_size=4, images=4)["state"]
+    clipped = update(batch_size=4, images=4, clip_norm=1e-3)
     assert clipped["norms"][0] > 1e-3  # the norm before clipping is reported
-    step = torch.cat([(clipped["state"][k] - start.state_dict()[k]).flatten() for k in free]) / 0.1
-    free_step = torch.cat([(free[k] - start.state_dict()[k]).flatten() for k in free]) / 0.1
+    step = moved_by(clipped["state"], update.start, free) / 0.1
+    free_step = moved_by(free, update.start, free) / 0.1
     assert step.norm() == pytest.approx(1e-3, rel=1e-3)  # SGD moved by lr x the clipped gradient
     assert free_step.norm() == pytest.approx(clipped["norms"][0], rel=1e-3)
 
@@ -148,7 +159,7 @@ def test_run_stages_evaluates_the_ema_and_keeps_the_better_on_val(shard_root):
     assert validate(again, "global", shard_root / "val2017", cfg.input, 6)["mAP"] == pytest.approx(best)
 
 
-def test_precision_picks_the_autocast_and_fp16_scales_the_loss(shard_root):
+def test_precision_picks_the_autocast_and_fp16_scales_the_loss(update):
     from rgnn.engine import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cuda")) is None
@@ -156,21 +167,15 @@ def test_precision_picks_the_autocast_and_fp16_scales_the_loss(shard_root):
     assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="precision"):
         autocast_dtype("int8", torch.device("cpu"))
-    cfg = tiny(shard_root)
-    names = shards.class_names(shard_root / "train2017")
-    torch.manual_seed(0)
-    start = RGNN(model_config(cfg, len(names)))
-    full = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4)["state"]
-    half = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, precision="bf16")["state"]
-    moved = [k for k in full if not torch.equal(full[k], start.state_dict()[k])]
-    step = torch.cat([(full[k] - start.state_dict()[k]).flatten() for k in moved])
-    half_step = torch.cat([(half[k] - start.state_dict()[k]).flatten() for k in moved])
+    full = update(batch_size=4, images=4)["state"]
+    half = update(batch_size=4, images=4, precision="bf16")["state"]
+    moved = [k for k in full if not torch.equal(full[k], update.start[k])]
+    step, half_step = moved_by(full, update.start, moved), moved_by(half, update.start, moved)
     assert not torch.equal(step, half_step)  # autocast ran the forward in bfloat16 ...
     assert torch.nn.functional.cosine_similarity(step, half_step, 0) > 0.9  # ... and the update is nearly the same
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    fp16 = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, precision="fp16", scaler=scaler)
-    fp16_step = torch.cat([(fp16["state"][k] - start.state_dict()[k]).flatten() for k in moved])
+    fp16_step = moved_by(update(batch_size=4, images=4, precision="fp16", scaler=scaler)["state"], update.start, moved)
     assert torch.nn.functional.cosine_similarity(step, fp16_step, 0) > 0.9 and fp16_step.norm() < 2 * step.norm()
     huge = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # fp16 gradients overflow: the step is skipped
-    skipped = one_update(cfg, shard_root, copy.deepcopy(start), batch_size=4, images=4, precision="fp16", scaler=huge)
-    assert all(torch.equal(skipped["state"][k], start.state_dict()[k]) for k in moved) and huge.get_scale() < 2.0 ** 40
+    skipped = update(batch_size=4, images=4, precision="fp16", scaler=huge)["state"]
+    assert all(torch.equal(skipped[k], update.start[k]) for k in moved) and huge.get_scale() < 2.0 ** 40

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import ray
 
+from rgnn import storage
 from rgnn.config import DataConfig
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
@@ -17,8 +18,12 @@ from rgnn.proposals import ProposalParams
 from sharding.build_shards import build_shards
 
 
-def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0, keep_ray: bool = True) -> tuple[Path, Path]:
+def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0,
+                   keep_ray: bool = True) -> tuple[Path | str, Path | str]:
     """Return the (train, val) shard folders, building them through sharding/ where needed.
+
+    --shards may be an object-store URI (s3://bucket/prefix): its manifests and shards are checked
+    there (sizes and sha256, streamed) and the folders returned as URIs, which training streams from.
 
     Built shards are cached under cfg.cache_dir by data set and T. Every call runs the sharding
     job's resume: a shard is kept only when it verifies and its inputs (annotations, image files,
@@ -31,8 +36,7 @@ def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0, keep_ray
             train without Ray and must not die with that Ray).
     """
     if cfg.shards:
-        root = Path(cfg.shards).expanduser()
-        dirs = root / cfg.train_split, root / cfg.val_split
+        dirs = storage.join(cfg.shards, cfg.train_split), storage.join(cfg.shards, cfg.val_split)
         for d in dirs:
             shards.verify_shards(d)  # names the missing or corrupt shard
         return dirs

@@ -20,7 +20,9 @@ from ray.train.torch import TorchTrainer
 from cluster.data import prepare_shards
 from cluster.loop import train_loop_per_worker
 from cluster.ray_setup import init_ray
-from rgnn.checkpoint import check_classes, checkpoint_classes, resolve_checkpoint, write_json, write_text
+from rgnn import storage
+from rgnn.checkpoint import (CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint, write_json,
+                             write_text)
 from rgnn.config import TrainConfig, parse_args, redact
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
@@ -30,28 +32,36 @@ from rgnn.tracking import RunLogger, check_reachable, git_commit, recall_metrics
 RUN_ID_FILE = "mlflow_run_id.txt"
 
 
-def resolve_storage(storage: str) -> str:
-    """Ray Train's storage: a URI as it is, a path made absolute (workers run elsewhere)."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+def resolve_storage(path: str) -> str:
+    """Ray Train's storage: a URI (s3://bucket/prefix) as it is, a path made absolute (workers run elsewhere)."""
+    return str(storage.location(path)) if storage.is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def mlflow_run_id(run_dir: Path) -> str | None:
-    """The MLflow run of the Ray Train run in `run_dir`, None before its first start."""
-    id_file = run_dir / RUN_ID_FILE
-    return id_file.read_text().strip() if id_file.is_file() else None
+def mlflow_run_id(run_dir: str | Path) -> str | None:
+    """The MLflow run of the Ray Train run in `run_dir` (a path or URI), None before its first start."""
+    id_file = storage.join(run_dir, RUN_ID_FILE)
+    return storage.read_text(id_file).strip() if storage.isfile(id_file) else None
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """The checkpoint.pt of a Ray Train checkpoint as a local path or a URI (s3://...), what
+    --init-checkpoint and rgnn.predict --checkpoint take (Ray's `path` holds no scheme)."""
+    kind = checkpoint.filesystem.type_name  # pyarrow's: "local", "s3", "gcs", ...
+    folder = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+    return str(storage.join(folder, CHECKPOINT_FILE))
 
 
 def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.dataset}-{cfg.model.gate}-{cfg.model.backbone}"
 
 
-def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks: list | None = None,
+def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = None, callbacks: list | None = None,
         parent: str | None = None, label: str | None = None, summary_path: str | None = None) -> dict:
     """Run one whole training; returns the summary dict (also written to summary_path).
 
     Args:
         cfg: a resolved TrainConfig.
-        shard_dirs: (train, val) shard folders already prepared (else `prepare_shards`).
+        shard_dirs: (train, val) shard folders (paths or URIs) already prepared (else `prepare_shards`).
         callbacks: Ray Train callbacks (tune/ passes TuneReportCallback).
         parent: makes the MLflow run a child of this run (a search or an ablation).
         label: the MLflow run name (default data set, gate, backbone).
@@ -60,13 +70,13 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
     check_reachable(uri)  # before any data or cluster work
     cfg.tracking.tracking_uri = uri
     c = cfg.cluster
-    storage = resolve_storage(c.storage)
+    storage_path = resolve_storage(c.storage)
     if c.resume and not c.name:
         raise ValueError("--resume needs --name: the run to continue")
     c.name = c.name or f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(storage) / c.name
-    if c.resume and not run_dir.is_dir():
-        raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage}")
+    run_dir = storage.join(storage_path, c.name)
+    if c.resume and not storage.isdir(run_dir):
+        raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage_path}")
     train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
     class_names = shards.class_names(train_dir)
     if class_names != shards.class_names(val_dir):
@@ -87,11 +97,11 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
         tags["mlflow.parentRunId"] = parent
     # a run folder that already has an MLflow run (--resume, a restarted Tune trial) continues it
     run_id = start_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags, mlflow_run_id(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / RUN_ID_FILE, run_id)
+    write_text(storage.join(run_dir, RUN_ID_FILE), run_id)
     log = RunLogger(uri, run_id)
     for split_dir in (train_dir, val_dir):  # the shards' proposal recall, per area bin
-        log.metrics(recall_metrics(Path(split_dir).name, shards.read_manifest(split_dir).get("proposal_recall", {})), 0)
+        recall = shards.read_manifest(split_dir).get("proposal_recall", {})
+        log.metrics(recall_metrics(storage.basename(split_dir), recall), 0)
     log.flush()
 
     gpus = c.gpus_per_worker
@@ -103,7 +113,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
                            "tracking_uri": uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}),
-        run_config=RunConfig(name=c.name, storage_path=storage,
+        run_config=RunConfig(name=c.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              # the best two by val mAP are kept beside the latest (which resumes)
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val/mAP",
@@ -121,7 +131,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path, Path] | None = None, callbacks
     maps = last.get("maps", {})
     metrics = client.get_run(run_id).data.metrics
     summary = {"run_id": run_id,
-               "checkpoint": str(Path(result.checkpoint.path) / "checkpoint.pt") if result.checkpoint else None,
+               "checkpoint": checkpoint_uri(result.checkpoint) if result.checkpoint else None,
                "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
                "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
@@ -138,7 +148,7 @@ def best_checkpoint(kept: list[tuple]) -> dict | None:
     if not scored:
         return None
     score, checkpoint, metrics = max(scored, key=lambda t: t[0])
-    return {"checkpoint": str(Path(checkpoint.path) / "checkpoint.pt"), "stage": metrics["stage"],
+    return {"checkpoint": checkpoint_uri(checkpoint), "stage": metrics["stage"],
             "epoch": metrics["epoch"], "val_mAP": score}
 
 
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg, summary_path = parse_args(argv)
         summary = fit(cfg, summary_path=summary_path)
-    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: a message, not a traceback
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:  # a message, not a traceback
         sys.exit(f"error: {e}")
     final = list(summary["map"].items())
     print(f"\nMLflow run {summary['run_id']} in experiment {summary['experiment']!r} at {summary['tracking_uri']}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
-from pathlib import Path
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
+from rgnn import storage
 from rgnn.artifacts import log_final_artifacts
 from rgnn.checkpoint import check_classes, read_checkpoint, resolve_checkpoint, save_checkpoint
 from rgnn.config import TrainConfig
@@ -32,7 +32,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.schedule.seed)
-    train_dir, val_dir = Path(config["train_dir"]), Path(config["val_dir"])
+    train_dir, val_dir = storage.location(config["train_dir"]), storage.location(config["val_dir"])
     class_names = shards.class_names(train_dir)
     model = RGNN(model_config(cfg, len(class_names)))
     state = TrainState(stage=cfg.cluster.start_stage)

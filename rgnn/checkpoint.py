@@ -2,101 +2,91 @@
 
 A checkpoint is a folder with `checkpoint.pt` (model state, class names, model config, and for
 training: optimiser, stage, epoch, lambda state, mAPs so far) and `config.json` (the resolved
-training config as flat settings, readable without torch). Files are written under a temporary
-name, fsynced and renamed.
+training config as flat settings, readable without torch). The folder is a local path or an
+object-store URI (rgnn.storage); files are written whole or not at all (rgnn.storage.atomic_write).
 
-A checkpoint is untrusted input (it may come from shared storage or an MLflow server): it is
+A checkpoint is untrusted input (it may come from shared storage, an object store or an MLflow server): it is
 loaded with `weights_only=True`, so a pickle that would run code is refused, never executed.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import pickle
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
+from rgnn import storage
 from rgnn.model import RGNN, ModelConfig
+from rgnn.storage import atomic_write, write_json, write_text  # noqa: F401 (the names callers import from here)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """`write(f)` to a temp file beside `path` (a unique name), flush, fsync, rename over `path`, fsync the
-    folder: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Text written as `atomic_write` writes: a reader never sees half a file."""
-    return atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path: str | Path, data) -> Path:
-    """JSON written as `write_text` writes."""
-    return write_text(path, json.dumps(data, indent=2))
+CACHE = Path.home() / ".cache" / "rgnn"  # where checkpoints named by a URI are downloaded
+MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint.pt downloaded from an object store (VGG-16 + Adam state: ~1.7 GB)
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], config: dict | None = None,
-                    **train_state) -> Path:
-    """Write `folder/checkpoint.pt` (+ `config.json`); returns the folder.
+                    **train_state) -> Path | str:
+    """Write `folder/checkpoint.pt` (+ `config.json`); returns the folder (a local path or a URI).
 
     Args:
         model: the bare RGNN (not DDP-wrapped).
         config: the resolved training config (saved beside the weights).
         train_state: optimizer state, stage, epoch, lambda, maps, ... kept as they are.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "model_config": asdict(model.cfg),
                "class_names": list(class_names), **train_state}
-    atomic_write(folder / CHECKPOINT_FILE, lambda f: torch.save(payload, f))
-    write_json(folder / CONFIG_FILE, config or {})
-    return folder
+    atomic_write(storage.join(folder, CHECKPOINT_FILE), lambda f: torch.save(payload, f))
+    write_json(storage.join(folder, CONFIG_FILE), config or {})
+    return storage.location(folder)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, its checkpoint.pt, or an MLflow URI (`runs:/<id>/model`) -> the .pt file.
+    """A checkpoint folder, its checkpoint.pt, an object-store URI of either (`s3://bucket/run/checkpoint_000003`),
+    or an MLflow URI (`runs:/<id>/model`) -> the local .pt file.
 
-    An MLflow URI is downloaded (from MLFLOW_TRACKING_URI's store) into one folder per URI under
-    ~/.cache/rgnn/mlflow, so repeated use neither re-downloads into new temp folders nor leaks them.
+    A URI is downloaded into one folder per URI under ~/.cache/rgnn (`mlflow/`, `remote/`), so repeated
+    use neither re-downloads into new temp folders nor leaks them. From an object store the .pt and the
+    config.json beside it are fetched, at most MAX_CHECKPOINT_BYTES, and fetched again only when changed.
+
+    Raises:
+        FileNotFoundError: no checkpoint there (the message names it); PermissionError / ConnectionError:
+            the store refuses or does not answer; ValueError: an object over MAX_CHECKPOINT_BYTES.
     """
     text = str(path)
     if text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow  # only needed for MLflow URIs
 
-        dst = Path.home() / ".cache" / "rgnn" / "mlflow" / hashlib.sha1(text.encode()).hexdigest()[:16]
+        dst = CACHE / "mlflow" / hashlib.sha1(text.encode()).hexdigest()[:16]
         dst.mkdir(parents=True, exist_ok=True)
         text = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
+    elif storage.is_uri(text):
+        return _fetch_checkpoint(text)
     p = Path(text)
     if p.is_dir():
         p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     return p
+
+
+def _fetch_checkpoint(uri: str) -> Path:
+    """The object-store checkpoint `uri` (its .pt or its folder) in the local cache (see resolve_checkpoint)."""
+    file = uri if storage.isfile(uri) else storage.join(uri, CHECKPOINT_FILE)
+    dst = CACHE / "remote" / hashlib.sha1(str(file).encode()).hexdigest()[:16]
+    try:
+        local = storage.fetch(file, dst / CHECKPOINT_FILE, MAX_CHECKPOINT_BYTES)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint {e}") from None
+    config = storage.join(storage.parent(file), CONFIG_FILE)
+    if storage.isfile(config):  # the training's input settings, read by rgnn.predict
+        storage.fetch(config, dst / CONFIG_FILE, MAX_CONFIG_BYTES)
+    else:
+        (dst / CONFIG_FILE).unlink(missing_ok=True)
+    return local
 
 
 def _read_payload(file: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
@@ -115,7 +105,7 @@ def _read_payload(file: Path, map_location: str | torch.device = "cpu", mmap: bo
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The payload of a checkpoint (folder, .pt or MLflow URI) on the CPU, without building a model."""
+    """The payload of a checkpoint (folder, .pt, object-store or MLflow URI) on the CPU, without building a model."""
     return _read_payload(resolve_checkpoint(path))
 
 

@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(multi-task loss, lambda decaying). With no data flag it uses the built-in synthetic set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
     d = p.add_argument_group("data")
-    d.add_argument("--shards", help="shard folder made by sharding/build_shards.py (holds <split>/manifest.json)")
+    d.add_argument("--shards", help="shard folder or s3://bucket/prefix made by sharding/build_shards.py "
+                                    "(holds <split>/manifest.json; shards are streamed from it)")
     d.add_argument("--coco-root", help="COCO root (annotations/, train2017/, val2017/); shards are built under --cache-dir if missing")
     d.add_argument("--voc-root", help="VOCdevkit/VOC2007 or VOC2012; trains on trainval, validates on test")
     d.add_argument("--train-split", help="training split name (default train2017, VOC trainval)")
@@ -432,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="run name (default: data set, gate, backbone and time)")
     c.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
     c.add_argument("--start-stage", choices=STAGES, help="first stage to run (with --init-checkpoint)")
-    c.add_argument("--init-checkpoint", help="checkpoint.pt or its folder whose weights start the run")
+    c.add_argument("--init-checkpoint", help="checkpoint.pt or its folder (a path, s3:// or MLflow URI) whose weights "
+                                             "start the run")
     c.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
     o = p.add_argument_group("tracking")
     o.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")

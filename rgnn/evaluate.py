@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from rgnn import storage
 from rgnn.checkpoint import check_classes
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
@@ -94,11 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = argparse.ArgumentParser(prog="python -m rgnn.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
-                   help="checkpoint folder or .pt, or an MLflow URI; repeat for more rows")
+                   help="checkpoint folder or .pt (a path or s3:// URI), or an MLflow URI; repeat for more rows")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--coco-root", help="COCO root (annotations/instances_<split>.json, <split>/)")
     data.add_argument("--voc-root", help="VOCdevkit, or its VOC2007 / VOC2012 folder")
-    data.add_argument("--shards", help="shard folder made by sharding/build_shards.py")
+    data.add_argument("--shards", help="shard folder (or s3://bucket/prefix) made by sharding/build_shards.py")
     p.add_argument("--split", "--voc-split", help="split (default val2017; VOC: test)")
     p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             raise ValueError(f"--batch-size {args.batch_size}: expected >= 1")
         predictors = [Predictor.load(c, args.edge_model) for c in args.checkpoint]
         if args.shards:
-            split_dir = Path(args.shards) / split
+            split_dir = storage.join(args.shards, split)
             shards.verify_shards(split_dir)
             manifest = shards.read_manifest(split_dir)
             class_names, dataset, labeled = list(manifest["class_names"]), manifest.get("dataset", ""), None
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         else:
             scores, targets, ignore = scores_on_records(predictors, labeled, args.batch_size)
             results = {c: (s, targets, ignore) for c, s in zip(args.checkpoint, scores)}
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         sys.exit(f"error: {e}")
     mode = ap_mode(dataset)
     table, metrics = evaluate_table(results, class_names, mode)

@@ -3,8 +3,9 @@
     python -m rgnn.predict --checkpoint PATH_OR_URI IMAGE_OR_DIR... [--out preds.json] [--threshold 0.5]
                            [--edge-model FILE] [--batch-size N] [--image-size S] [--max-regions T]
 
-The checkpoint is a folder or `checkpoint.pt` written by cluster/ (or rgnn.training), or an MLflow
-model URI such as `runs:/<run id>/model`. Each image gets its EdgeBoxes proposals (section 3, with
+The checkpoint is a folder or `checkpoint.pt` written by cluster/ (or rgnn.training), local or on an
+object store (`s3://bucket/.../checkpoint.pt`, downloaded into ~/.cache/rgnn), or an MLflow model URI
+such as `runs:/<run id>/model`. Each image gets its EdgeBoxes proposals (section 3, with
 the training config's edge model unless --edge-model names one), is resized as in training (the
 config saved beside the checkpoint: shorter side, longer-side cap, T), and goes through the model
 of the last stage it was trained in (no gradient; on the GPU when there is one). Per image the JSON
@@ -73,8 +74,9 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str | Path, edge_model: str | None = None, **overrides) -> "Predictor":
-        """From a checkpoint (path or MLflow URI); `overrides` (image_size, max_regions, ...) win
-        over the config saved beside it; without a saved config, the paper's input (PAPER_INPUT)."""
+        """From a checkpoint (path, object-store or MLflow URI: rgnn.checkpoint.resolve_checkpoint); `overrides`
+        (image_size, max_regions, ...) win over the config saved beside it; without a saved config, the
+        paper's input (PAPER_INPUT)."""
         file = resolve_checkpoint(checkpoint)
         model, payload = load_checkpoint(file)
         config = file.parent / CONFIG_FILE
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m rgnn.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or .pt, or an MLflow URI (runs:/<id>/model)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder or .pt (a path or s3:// URI), or an MLflow URI (runs:/<id>/model)")
     p.add_argument("--out", default="preds.json", help="JSON output")
     p.add_argument("--threshold", type=float, default=0.5, help="score at or above which a label is predicted")
     p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         predictor = Predictor.load(args.checkpoint, args.edge_model, image_size=args.image_size,
                                    max_regions=args.max_regions)
         result = predict_files(predictor, args.inputs, args.threshold, args.batch_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         sys.exit(f"error: {e}")
     write_json(args.out, result)
     print(f"{len(result['predictions'])} images predicted, {len(result['skipped'])} skipped -> {args.out}")

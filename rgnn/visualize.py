@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> Path:
                                 description="The paper's Figure 3 for one image: the top-5 gated regions in "
                                             "red, the bottom-5 in green, over the heat-map of gate values.")
     p.add_argument("image", help="the image (JPEG, PNG, ...)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or .pt, or an MLflow URI (runs:/<id>/model)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder or .pt (a path or s3:// URI), or an MLflow URI (runs:/<id>/model)")
     p.add_argument("--out", required=True, help="PNG to write (the image's own size)")
     p.add_argument("--class", dest="cls", help="feature-level gates: draw this class's gate (default: the max)")
     p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
         image = decode_image(args.image)
         pred = predictor([image])[0]
         gates = class_gates(pred.gates, predictor.class_names, args.cls)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         sys.exit(f"error: {e}")
     out = save_png(draw_gates(image, pred.boxes, gates), args.out)
     top = ", ".join(f"{n} {s:.2f}" for n, s in sorted(zip(predictor.class_names, pred.scores), key=lambda t: -t[1])[:3])

@@ -13,22 +13,25 @@ How it works:
   images belong to which shard.
 - Each shard is one task for a pool of Ray actors (one CPU each) spread over the cluster's nodes
   (SPREAD). An actor computes the proposals of the shard's images and writes the shard under a
-  temporary name, renamed when whole (sharding/writer.py). A shard is the unit of parallel work:
+  temporary name, renamed when whole (to an object store: written to a local temporary file, then
+  uploaded once; sharding/writer.py). A shard is the unit of parallel work:
   a job uses at most as many actors as it has shards to build.
 - Images that cannot be used (missing file, corrupt or truncated image, a size that differs from
   the annotation's) are skipped and listed in the manifest with the reason, never a crash.
 - If an actor dies, its shard goes to a new actor. The manifest is rewritten (atomically) after
   every finished shard, so an interrupted job loses at most the shards in flight.
 - Resume: rerunning the same command keeps every shard whose manifest entry matches the plan and
-  whose file matches its size and sha256, and builds the rest. A manifest written with other
-  settings (data set, proposal parameters, shard size, limit) is replaced: everything is rebuilt.
+  whose file matches its size and sha256 (on an object store: read back, streamed), and builds the
+  rest. A manifest written with other settings (data set, proposal parameters, shard size, limit) is
+  replaced: everything is rebuilt.
 - Image bytes are stored as they are in the source file, never re-encoded: under `jpg` for JPEG
   files, `png` for PNG files (other formats keep their own extension).
 
 Ray: `--address` joins that cluster; without it, RAY_ADDRESS or a running local cluster is joined,
 else a local Ray is started (with `--num-cpus` CPUs if given). `--actors 0` runs without Ray, in
 this process (debugging, tiny sets). On a multi-node cluster `--out` must be a path every node
-can write (a shared file system), and the job should be submitted with
+can write (a shared file system) or an object-store URI (`s3://bucket/prefix`, credentials and
+endpoint from the standard AWS environment, see rgnn/storage.py), and the job should be submitted with
 `ray job submit --working-dir . -- python sharding/build_shards.py ...` so that every node has this code.
 """
 from __future__ import annotations
@@ -57,10 +60,11 @@ import ray
 from tqdm import tqdm
 
 from cluster.ray_setup import init_ray
+from rgnn import storage
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
-from sharding.writer import exclusive, remove_stale_temps, write_atomic, write_bytes_atomic
+from sharding.writer import exclusive, remove_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +351,7 @@ class _Manifest:
                "shards": [{k: v for k, v in e.items() if k != "skipped"} for e in entries],
                "skipped": self.read_skipped + [s for e in entries for s in e["skipped"]],
                "job": self.job}
-        write_bytes_atomic(self.path, json.dumps(doc, indent=1).encode())
+        storage.write_bytes(self.path, json.dumps(doc, indent=1).encode())  # object store: one PUT
 
 
 def _reader():
@@ -437,7 +441,8 @@ def _gather(refs: list, timeout: float = 10.0) -> list:
 
 def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | None = None,
                  params: ProposalParams = ProposalParams(), shard_size: int = DEFAULT_SHARD_SIZE,
-                 edge_model: str | Path | None = None, limit: int | None = None, progress: bool = True) -> Path:
+                 edge_model: str | Path | None = None, limit: int | None = None,
+                 progress: bool = True) -> Path | str:
     """Compute proposals and write the shards and manifest of one split (see the module docstring).
 
     Joins the Ray that is initialised, or starts (or joins) one as `init_ray()` does.
@@ -445,7 +450,8 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
     Args:
         labeled_set: the split's records; its name's last part ("coco/train2017" -> "train2017")
             names the output folder and the shards.
-        out_dir: SHARDS; the split goes to SHARDS/<split>/.
+        out_dir: SHARDS, a local folder or an object-store URI (s3://bucket/prefix); the split goes to
+            SHARDS/<split>/.
         actors: actor count (default: one per CPU of the cluster); 0 runs in this process, no Ray.
         params: EdgeBoxes parameters (params.max_boxes = T proposals kept per image).
         shard_size: target shard size in bytes.
@@ -454,7 +460,7 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
         progress: show a progress bar (images/s).
 
     Returns:
-        SHARDS/<split>.
+        SHARDS/<split> (a Path, or a str for a URI: rgnn.storage.location).
 
     Raises:
         ValueError: a bad argument; RuntimeError: a shard whose actor keeps dying.
@@ -469,14 +475,15 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
             raise FileNotFoundError(f"edge model file not found: {edge_model}")
     records = labeled_set.records[:limit] if limit is not None else labeled_set.records
     split = labeled_set.name.rsplit("/", 1)[-1]
-    split_dir = f"{str(out_dir).rstrip('/')}/{split}"
+    split_dir = str(storage.join(out_dir, split))
     plan = plan_shards(records, split, shard_size, params.max_boxes)
     with exclusive(split_dir):
         return _build(labeled_set, split_dir, plan, len(records), actors, params, shard_size, edge_model, limit, progress)
 
 
 def _build(labeled_set: LabeledSet, split_dir: str, plan: list[ShardTask], records: int, actors: int | None,
-           params: ProposalParams, shard_size: int, edge_model: str | None, limit: int | None, progress: bool) -> Path:
+           params: ProposalParams, shard_size: int, edge_model: str | None, limit: int | None,
+           progress: bool) -> Path | str:
     split = labeled_set.name.rsplit("/", 1)[-1]
     manifest = _Manifest(split_dir, labeled_set, _settings(labeled_set, params, edge_model, shard_size, limit, records), plan)
     remove_stale_temps(split_dir)
@@ -492,7 +499,7 @@ def _build(labeled_set: LabeledSet, split_dir: str, plan: list[ShardTask], recor
         elif todo:
             init_ray()
             _run_on_ray(todo, manifest, actors, params, edge_model, bar)
-    return Path(split_dir)
+    return storage.location(split_dir)
 
 
 def parse_size(text: str) -> int:
@@ -515,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--synthetic-dir", default="~/.cache/rgnn/synthetic-200-50-seed0",
                      help="where the synthetic set is generated if missing (default %(default)s)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", default="shards", help="SHARDS folder; writes SHARDS/<split>/ (default ./shards)")
+    out.add_argument("--out", default="shards", help="SHARDS folder or object-store URI (s3://bucket/prefix); "
+                                                     "writes SHARDS/<split>/ (default ./shards)")
     out.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
                      help="target shard size in bytes, suffixes K/M/G allowed (default 1G); a shard "
                           "is the unit of parallel work, so the job uses at most as many actors as shards")

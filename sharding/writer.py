@@ -1,10 +1,9 @@
-"""Where the sharding job's bytes go: whole files or nothing, through fsspec.
+"""Where the sharding job's bytes go: whole files or nothing, to a local folder or an object store.
 
-Every file the job writes (a shard, the manifest) goes through `write_atomic`: the bytes go to a
-temporary name beside the target and are renamed onto it when complete, so a reader or a resumed
-job never sees half a file. Paths are local paths or fsspec URLs; on a local (or shared POSIX)
-file system the rename is atomic. An object store (`s3://...`, with its fsspec package installed)
-works through the same call: there `mv` is copy-and-delete, and an object appears whole anyway.
+Every file the job writes (a shard, the manifest) goes through `rgnn.storage`: a local file is
+written under a temporary name beside the target, fsynced and renamed onto it when complete; an
+object (`s3://...`) is written to a local temporary file and uploaded once when complete, and an
+object store shows an object only whole. A reader or a resumed job never sees half a file.
 """
 from __future__ import annotations
 
@@ -12,14 +11,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import posixpath
-import uuid
 from typing import BinaryIO, Callable, Iterator
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-TMP_MARK = ".tmp-"
+from rgnn import storage
 
 
 class _HashingStream:
@@ -40,47 +34,35 @@ class _HashingStream:
 
 
 def write_atomic(path: str, fill: Callable[[BinaryIO], None]) -> tuple[str, int]:
-    """Write a file whole or not at all.
+    """Write a file whole or not at all (`rgnn.storage.atomic_write`).
 
     Args:
-        path: the target (a local path or an fsspec URL).
+        path: the target (a local path or an object-store URI).
         fill: called with a binary stream; writes the file's contents to it.
 
     Returns:
-        (sha256 hex digest, size in bytes) of what was written.
+        (sha256 hex digest, size in bytes) of what was written (for an object: what was uploaded,
+        its size checked against the store's).
     """
-    fs, target = fsspec.core.url_to_fs(str(path))
-    tmp = f"{target}{TMP_MARK}{uuid.uuid4().hex[:12]}"  # unique: a presumed-dead writer cannot collide
-    fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
-    try:
-        with fs.open(tmp, "wb") as f:
-            stream = _HashingStream(f)
-            fill(stream)
-            if isinstance(fs, LocalFileSystem):  # on disk before the rename makes it visible
-                f.flush()
-                os.fsync(f.fileno())
-        fs.mv(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.rm(tmp)
-        raise
-    return stream.sha256.hexdigest(), stream.bytes
+    streams = []
 
+    def write(f: BinaryIO) -> None:
+        streams.append(_HashingStream(f))
+        fill(streams[-1])
 
-def write_bytes_atomic(path: str, data: bytes) -> tuple[str, int]:
-    """`write_atomic` for bytes already in memory (the manifest)."""
-    return write_atomic(path, lambda f: f.write(data))
+    storage.atomic_write(path, write)
+    return streams[-1].sha256.hexdigest(), streams[-1].bytes
 
 
 def remove_stale_temps(folder: str) -> list[str]:
-    """Delete what killed writers left behind (`*.tmp-*`) in `folder`; returns what was deleted."""
-    fs, root = fsspec.core.url_to_fs(str(folder))
-    if not fs.exists(root):
+    """Delete what killed writers left behind (`.*.tmp`) in a local `folder`; returns what was deleted.
+    An object store holds none: an upload that does not complete leaves no object."""
+    if storage.is_uri(folder) or not os.path.isdir(folder):
         return []
-    stale = [p for p in fs.ls(root, detail=False) if TMP_MARK in posixpath.basename(p)]
+    stale = [os.path.join(folder, n) for n in os.listdir(folder) if storage.is_temp(n)]
     for p in stale:
         with contextlib.suppress(OSError):
-            fs.rm(p)
+            os.remove(p)
     return stale
 
 
@@ -89,22 +71,26 @@ LOCK = ".build.lock"
 
 @contextlib.contextmanager
 def exclusive(folder: str) -> Iterator[None]:
-    """Hold `folder`'s build lock (a local folder; an object store has no lock): a second job started
-    on the same folder stops with a clear error instead of deleting the first one's temporary files.
+    """Hold a local `folder`'s build lock: a second job started on the same folder stops with a clear
+    error instead of deleting the first one's temporary files.
+
+    An object store (`s3://...`) has no such lock, and this one (flock on a local file) cannot guard
+    it: there it is skipped, and two jobs writing the same prefix at once are the user's to avoid.
+    Each shard and manifest still lands whole (one upload each), but the manifest is the last
+    writer's, and a resume checks every shard it lists.
 
     Raises:
         RuntimeError: another job holds the lock.
     """
-    fs, root = fsspec.core.url_to_fs(str(folder))
-    if not isinstance(fs, LocalFileSystem):
+    if storage.is_uri(folder):
         yield
         return
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, LOCK), "a") as f:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LOCK), "a") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another sharding job is writing {folder} (it holds {os.path.join(root, LOCK)}); "
+            raise RuntimeError(f"another sharding job is writing {folder} (it holds {os.path.join(folder, LOCK)}); "
                                "wait for it to finish or stop it, then run this again") from None
         try:
             yield

@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 from cluster.data import prepare_shards
 from cluster.driver import fit, mlflow_run_id, resolve_storage
 from cluster.ray_setup import init_ray
+from rgnn import storage
 from rgnn.checkpoint import write_json
 from rgnn.config import TrainConfig, build_parser, config_from_args, redact, resolve
 from rgnn.tracking import parent_run, resolve_tracking_uri
@@ -52,19 +53,20 @@ def build_search_parser() -> argparse.ArgumentParser:
 
 
 def run_trial(params: dict, base: dict, shard_dirs: tuple[str, str], parent_run_id: str,
-              init_checkpoint: str | None, storage: str) -> None:
-    """One Tune trial: one training run reporting to Tune every epoch."""
+              init_checkpoint: str | None, storage_path: str) -> None:
+    """One Tune trial: one training run reporting to Tune every epoch (storage_path: a folder or URI)."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = apply(TrainConfig.from_flat(base, name=f"trial-{trial_id}", storage=storage, eval_every_epoch=True), params)
-    if replay_finished(Path(storage) / cfg.cluster.name, base["tracking_uri"]):
+    cfg = apply(TrainConfig.from_flat(base, name=f"trial-{trial_id}", storage=storage_path, eval_every_epoch=True),
+                params)
+    if replay_finished(storage.join(storage_path, cfg.cluster.name), base["tracking_uri"]):
         return
     if init_checkpoint:
         cfg.cluster.start_stage, cfg.cluster.init_checkpoint = "joint", init_checkpoint
-    fit(resolve(cfg), shard_dirs=tuple(Path(d) for d in shard_dirs), callbacks=[TuneReportCallback()],
+    fit(resolve(cfg), shard_dirs=tuple(storage.location(d) for d in shard_dirs), callbacks=[TuneReportCallback()],
         parent=parent_run_id, label=f"trial {trial_id}")
 
 
-def replay_finished(run_dir: Path, tracking_uri: str) -> bool:
+def replay_finished(run_dir: str | Path, tracking_uri: str) -> bool:
     """Report again, without training, the epochs of a trial whose training already finished.
 
     A trial that finished just before a Ctrl+C can be missing from the state Tune saved, and
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     share = shares_stages(space) and not opts["no_share_stages"]
     out = Path(opts["out"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = resolve_storage(base.cluster.storage)
+    storage_path = resolve_storage(base.cluster.storage)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if resume and not state:
@@ -123,14 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
         if share:  # stages 1-3 once; their checkpoint starts every trial's stage 4
             if "shared_checkpoint" not in state:
                 shared = resolve(base.copy(epochs=base.schedule.epochs[:3] + [0], name=f"{out.name}-stages-1-3"))
-                summary = fit(shared, shard_dirs=tuple(Path(d) for d in shard_dirs), parent=log.run_id,
+                summary = fit(shared, shard_dirs=tuple(storage.location(d) for d in shard_dirs), parent=log.run_id,
                               label="stages 1-3 (shared)")
                 state["shared_checkpoint"] = summary["checkpoint"]
                 write_json(state_file, state)
             init_checkpoint = state["shared_checkpoint"]
 
         trainable = tune.with_parameters(run_trial, base=base.to_flat(), shard_dirs=shard_dirs, parent_run_id=log.run_id,
-                                         init_checkpoint=init_checkpoint, storage=str(Path(storage) / "trials"))
+                                         init_checkpoint=init_checkpoint,
+                                         storage_path=str(storage.join(storage_path, "trials")))
         # The trial's driver function only waits on its TorchTrainer, whose DDP workers reserve the
         # CPUs/GPUs; Tune refuses an empty request, so the driver takes a token share of a CPU.
         trainable = tune.with_resources(trainable, {"CPU": 0.01})

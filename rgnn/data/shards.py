@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import fsspec
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from rgnn import storage
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord
 from rgnn.data.transforms import Batch, Preprocess, collate
@@ -52,23 +52,19 @@ META_FIELDS = ("json", "boxes.npy", "scores.npy")
 SHUFFLE_BUFFER = 256  # raw samples (encoded image + proposals, ~100 KB each) per DataLoader worker
 
 
-def _join(split_dir: str | Path, name: str) -> str:
-    return f"{str(split_dir).rstrip('/')}/{name}"
-
-
 def read_manifest(split_dir: str | Path) -> dict:
-    """The manifest of one split's shards.
+    """The manifest of one split's shards (a local folder or an object-store URI).
 
     Raises:
-        FileNotFoundError: no manifest.json in `split_dir`.
+        FileNotFoundError: no manifest.json in `split_dir` (or no such bucket).
         ValueError: it does not parse, or is not a shard manifest (the message names the file).
+        PermissionError / ConnectionError: the object store refuses or does not answer (named).
     """
-    path = _join(split_dir, MANIFEST)
-    fs, p = fsspec.core.url_to_fs(path)
+    path = storage.join(split_dir, MANIFEST)
     try:
-        text = fs.cat_file(p)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"shard manifest not found: {path}") from None
+        text = storage.read_bytes(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"shard manifest {e}") from None
     try:
         manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -81,27 +77,26 @@ def read_manifest(split_dir: str | Path) -> dict:
 
 
 def file_sha256(path: str) -> str:
-    """sha256 hex digest of a file (local path or fsspec URL), read in 1 MiB blocks."""
-    fs, p = fsspec.core.url_to_fs(str(path))
+    """sha256 hex digest of a file (local path or URI), streamed in 1 MiB blocks."""
     h = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    with storage.open_read(path) as f:
+        for block in iter(lambda: f.read(storage.BLOCK), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def check_shard(split_dir: str | Path, entry: dict, checksum: bool = True) -> None:
-    """Check that one manifest entry's shard exists with its recorded size (and sha256).
+    """Check that one manifest entry's shard exists with its recorded size (and sha256); on an object
+    store the size is the object's metadata, the sha256 reads the object back (streamed).
 
     Raises:
         FileNotFoundError: the shard is missing.
         ValueError: its size or checksum differs from the manifest (the message names the shard).
     """
-    path = _join(split_dir, entry["name"])
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"shard missing: {path} (listed in {_join(split_dir, MANIFEST)})")
-    size = fs.size(p)
+    path = storage.join(split_dir, entry["name"])
+    if not storage.exists(path):
+        raise FileNotFoundError(f"shard missing: {path} (listed in {storage.join(split_dir, MANIFEST)})")
+    size = storage.size(path)
     if size != entry["bytes"]:
         raise ValueError(f"shard {path} is {size} bytes but the manifest says {entry['bytes']}: "
                          "corrupt or incomplete; rerun sharding/build_shards.py to rebuild it")
@@ -124,7 +119,7 @@ def verify_shards(split_dir: str | Path) -> None:
 
 def _require_complete(split_dir: str | Path, manifest: dict) -> dict:
     if not manifest["complete"]:
-        raise ValueError(f"{_join(split_dir, MANIFEST)}: incomplete ({len(manifest['shards'])} of "
+        raise ValueError(f"{storage.join(split_dir, MANIFEST)}: incomplete ({len(manifest['shards'])} of "
                          f"{manifest.get('shards_planned', '?')} shards); rerun sharding/build_shards.py to finish")
     return manifest
 
@@ -133,7 +128,7 @@ def _readable_manifest(split_dir: str | Path) -> dict:
     """The manifest of a complete split with at least one sample (what training needs)."""
     manifest = _require_complete(split_dir, read_manifest(split_dir))
     if sum(e["samples"] for e in manifest["shards"]) == 0:
-        raise ValueError(f"{_join(split_dir, MANIFEST)}: the split holds no samples")
+        raise ValueError(f"{storage.join(split_dir, MANIFEST)}: the split holds no samples")
     return manifest
 
 
@@ -220,16 +215,18 @@ class _Part:
 
 
 def _read_shard(path: str, expected: int) -> Iterator[dict]:
-    """Raw samples of one shard, in order; errors name the shard."""
-    fs, p = fsspec.core.url_to_fs(path)
+    """Raw samples of one shard, in order, streamed (from an object store: fetched in blocks as read);
+    errors name the shard."""
     n = 0
     try:
-        with fs.open(p, "rb") as f:
+        with storage.open_read(path) as f:
             for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}])):
                 n += 1
                 yield sample
     except FileNotFoundError:
         raise FileNotFoundError(f"shard missing: {path}") from None
+    except (PermissionError, ConnectionError):  # the store's answer (named), not a corrupt shard
+        raise
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         raise ValueError(f"corrupt shard {path}: {e}") from None
     if n != expected:
@@ -251,7 +248,7 @@ class ShardDataset(IterableDataset):
                  shuffle_buffer: int = SHUFFLE_BUFFER):
         manifest = _readable_manifest(split_dir)
         offsets = itertools.accumulate([e["samples"] for e in manifest["shards"]], initial=0)
-        self.shards = [_Part(_join(split_dir, e["name"]), off, e["samples"])
+        self.shards = [_Part(str(storage.join(split_dir, e["name"])), off, e["samples"])
                        for e, off in zip(manifest["shards"], offsets) if e["samples"] > 0]
         for entry in manifest["shards"]:
             check_shard(split_dir, entry, checksum=False)  # cheap: missing or truncated shards fail here, named
@@ -336,7 +333,8 @@ def shard_loader(split_dir: str | Path, preprocess: Preprocess, *, batch_size: i
     """Batches of one split for one rank (see the module docstring).
 
     Args:
-        split_dir: SHARDS/<split>, holding manifest.json and the shards (a path or an fsspec URL).
+        split_dir: SHARDS/<split>, holding manifest.json and the shards (a local path or an object-store
+            URI, s3://bucket/prefix/<split>: every rank streams its shards from the store, no local copy).
         preprocess: the stage's input transform (sizes, T, normalisation, whole images for stage 1).
         batch_size: images per batch.
         rank, world_size: this process's place among the DDP ranks.

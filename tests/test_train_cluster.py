@@ -220,9 +220,13 @@ def test_best_checkpoint_is_the_highest_val_map_among_the_kept():
 
     from cluster.driver import best_checkpoint
 
-    kept = [(SimpleNamespace(path=f"/runs/c{i}"), {"stage": s, "epoch": e, "val/mAP": m})
+    local = SimpleNamespace(type_name="local")  # Ray's pyarrow file system of the checkpoint
+    kept = [(SimpleNamespace(path=f"/runs/c{i}", filesystem=local), {"stage": s, "epoch": e, "val/mAP": m})
             for i, (s, e, m) in enumerate([("global", 1, 0.5), ("regional", 1, float("nan")), ("regional", 2, 0.8),
                                            ("joint", 2, 0.7)])]
     assert best_checkpoint(kept) == {"checkpoint": "/runs/c2/checkpoint.pt", "stage": "regional", "epoch": 2,
                                      "val_mAP": 0.8}
     assert best_checkpoint(kept[1:2]) is None and best_checkpoint([]) is None
+    on_s3 = (SimpleNamespace(path="bucket/runs/c9", filesystem=SimpleNamespace(type_name="s3")), {
+        "stage": "joint", "epoch": 3, "val/mAP": 0.9})
+    assert best_checkpoint([*kept, on_s3])["checkpoint"] == "s3://bucket/runs/c9/checkpoint.pt"

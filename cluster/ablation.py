@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from cluster.data import prepare_shards
-from rgnn.checkpoint import atomic_write, write_json, write_text
 from rgnn.config import TrainConfig, build_parser, config_from_args, resolve
 from rgnn.data import shards
 from rgnn.model import RGNN
+from rgnn.storage import atomic_write, write_json, write_text
 from rgnn.tables import ap_table, to_markdown
 from rgnn.tracking import RunLogger, parent_run, resolve_tracking_uri, start_run
 from rgnn.training import Hooks, epoch_line, model_config, run_stages

@@ -21,13 +21,15 @@ from cluster.data import prepare_shards
 from cluster.loop import train_loop_per_worker
 from cluster.ray_setup import init_ray
 from rgnn import storage
-from rgnn.checkpoint import (CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint, write_json,
-                             write_text)
+from rgnn.checkpoint import CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint
 from rgnn.config import TrainConfig, parse_args, redact
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
 from rgnn.pretrain import pretrained_weights
-from rgnn.tracking import RunLogger, check_reachable, git_commit, recall_metrics, resolve_tracking_uri, start_run
+from rgnn.schedule import STAGES
+from rgnn.storage import write_json, write_text
+from rgnn.tracking import (RunLogger, check_reachable, dataset_input, git_commit, recall_metrics, register_model,
+                           resolve_tracking_uri, start_run)
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -49,6 +51,18 @@ def checkpoint_uri(checkpoint) -> str:
     kind = checkpoint.filesystem.type_name  # pyarrow's: "local", "s3", "gcs", ...
     folder = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
     return str(storage.join(folder, CHECKPOINT_FILE))
+
+
+def describe(cfg: TrainConfig, train: dict, val: dict) -> str:
+    """The run's description: data set, backbone, gate and stages (shown by the MLflow UI)."""
+    m, s, c = cfg.model, cfg.schedule, cfg.cluster
+    stages = ", ".join(f"{stage} {n}" for stage, n in zip(STAGES, s.epochs))
+    gates = "no gates" if m.gate == "none" else f"{m.gate}-level gates"
+    return (f"RGNN with {gates} (pooling {m.pool_layer}, {m.scales} scale bins) on a {m.backbone} backbone "
+            f"(weights {m.weights}, recipe {cfg.recipe}). Data: {train['dataset']} ({train['samples']} images) / "
+            f"{val['dataset']} ({val['samples']} images), {len(train['class_names'])} classes, "
+            f"T = {cfg.input.max_regions} proposals at shorter side {cfg.input.image_size}. Epochs per stage: {stages}; "
+            f"lr {s.lr:g}, {s.batch_size} images per step on each of {c.workers} workers.")
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -99,9 +113,11 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     run_id = start_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags, mlflow_run_id(run_dir))
     write_text(storage.join(run_dir, RUN_ID_FILE), run_id)
     log = RunLogger(uri, run_id)
-    for split_dir in (train_dir, val_dir):  # the shards' proposal recall, per area bin
-        recall = shards.read_manifest(split_dir).get("proposal_recall", {})
-        log.metrics(recall_metrics(storage.basename(split_dir), recall), 0)
+    manifests = {d: shards.read_manifest(d) for d in (train_dir, val_dir)}
+    log.datasets([dataset_input(d, m, context) for (d, m), context in zip(manifests.items(), ("training", "validation"))])
+    log.tag("mlflow.note.content", describe(cfg, *manifests.values()))  # the run's description in the UI
+    for split_dir, manifest in manifests.items():  # the shards' proposal recall, per area bin
+        log.metrics(recall_metrics(storage.basename(split_dir), manifest.get("proposal_recall", {})), 0)
     log.flush()
 
     gpus = c.gpus_per_worker
@@ -135,7 +151,10 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
                "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
                "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
-               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment}
+               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment,
+               "model_uri": client.get_run(run_id).data.tags.get("model_uri")}
+    if cfg.tracking.register_model and summary["model_uri"]:
+        summary["registered_model"] = register_model(uri, run_id, cfg.tracking.register_model)
     if summary_path:
         write_json(summary_path, summary)
     return summary
@@ -167,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  final val mAP: {final[-1][1]:.4f}")
     if summary["gates"]:
         print("  gates on the val proposals: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["gates"].items()))
-    print(f"  final checkpoint (the model logged to MLflow): {summary['checkpoint']}")
+    print(f"  final checkpoint: {summary['checkpoint']}")
+    if summary["model_uri"]:
+        print(f"  MLflow Model: {summary['model_uri']}" + (f", registered as {summary['registered_model']}"
+                                                           if "registered_model" in summary else ""))
     if summary["best_checkpoint"]:
         b = summary["best_checkpoint"]
         print(f"  best checkpoint by val mAP ({b['val_mAP']:.4f}, {b['stage']} epoch {b['epoch']}): {b['checkpoint']}")

@@ -7,6 +7,7 @@ the last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from rgnn.checkpoint import check_classes, read_checkpoint, resolve_checkpoint, 
 from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.model import RGNN
-from rgnn.tracking import RunLogger
+from rgnn.tracking import RunLogger, system_metrics
 from rgnn.training import Hooks, TrainState, epoch_line, model_config, run_stages
 
 
@@ -83,7 +84,11 @@ def train_loop_per_worker(config: dict) -> None:
     hooks = Hooks(wrap=ray.train.torch.prepare_model, report=report,
                   on_step=log.step if log else None, on_epoch=on_epoch if log else None,
                   on_warning=on_warning if log else lambda message: None)  # rank 0 speaks for all
-    final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, hooks)
+    # one system-metrics monitor per node (its first worker): system/node<N>/... in the run
+    monitor = (system_metrics(config["tracking_uri"], config["run_id"], f"node{ctx.get_node_rank()}")
+               if ctx.get_local_rank() == 0 else contextlib.nullcontext())
+    with monitor:
+        final = run_stages(cfg, model, class_names, train_dir, val_dir, device, state, rank, world, hooks)
     if log is not None and final is not None:
         log_final_artifacts(log, model, *final, class_names, val_dir, cfg)
         log.flush()

@@ -23,7 +23,8 @@ GATE_PICTURES = 4
 
 def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, class_names: list[str],
                         val_dir: Path, cfg: TrainConfig) -> None:
-    """config.json, the per-class AP table (markdown, CSV), PR curves, gate pictures, the model."""
+    """config.json, the per-class AP table (markdown, CSV), PR curves, gate pictures, the model (an MLflow
+    Model: rgnn.mlflow_model)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "config.json").write_text(json.dumps(cfg.to_flat(redacted=True), indent=2))
@@ -35,7 +36,8 @@ def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, c
             log.artifact(tmp / name)
         if model.gate is not None and stage in ("gates", "joint"):
             log.artifact(gate_pictures(model, val_dir, cfg.input, tmp / "gates"), "gates")
-        log.artifact(save_checkpoint(tmp / "model", model, class_names, cfg.to_flat(redacted=True), stage=stage), "model")
+        folder = save_checkpoint(tmp / "checkpoint", model, class_names, cfg.to_flat(redacted=True), stage=stage)
+        log.model(folder, class_names, shards.first_image(val_dir))
     for name, a in zip(class_names, result["ap"]):
         if not np.isnan(a):
             log.metric(f"val/AP/{name}", a, 0)

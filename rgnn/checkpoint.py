@@ -16,13 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
 from rgnn import storage
 from rgnn.model import RGNN, ModelConfig
-from rgnn.storage import atomic_write, write_json, write_text  # noqa: F401 (the names callers import from here)
+from rgnn.storage import atomic_write, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
+MODEL_ARTIFACT = "checkpoint"  # in an MLflow Model (rgnn.mlflow_model): the pyfunc artifact holding the folder
 CACHE = Path.home() / ".cache" / "rgnn"  # where checkpoints named by a URI are downloaded
 MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint.pt downloaded from an object store (VGG-16 + Adam state: ~1.7 GB)
 MAX_CONFIG_BYTES = 16 << 20
@@ -46,7 +48,8 @@ def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], con
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, its checkpoint.pt, an object-store URI of either (`s3://bucket/run/checkpoint_000003`),
-    or an MLflow URI (`runs:/<id>/model`) -> the local .pt file.
+    or an MLflow URI (`models:/<name>/<version>`, `runs:/<id>/model`: an MLflow Model of rgnn.mlflow_model,
+    or a checkpoint folder logged as artifacts) -> the local .pt file.
 
     A URI is downloaded into one folder per URI under ~/.cache/rgnn (`mlflow/`, `remote/`), so repeated
     use neither re-downloads into new temp folders nor leaks them. From an object store the .pt and the
@@ -60,17 +63,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow  # only needed for MLflow URIs
 
-        dst = CACHE / "mlflow" / hashlib.sha1(text.encode()).hexdigest()[:16]
+        # one folder per store and URI (models:/NAME/1 of two servers differ)
+        dst = CACHE / "mlflow" / hashlib.sha1(f"{mlflow.get_tracking_uri()} {text}".encode()).hexdigest()[:16]
         dst.mkdir(parents=True, exist_ok=True)
         text = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
     elif storage.is_uri(text):
         return _fetch_checkpoint(text)
     p = Path(text)
+    if (p / "MLmodel").is_file():
+        p = _model_checkpoint(p)
     if p.is_dir():
         p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     return p
+
+
+def _model_checkpoint(folder: Path) -> Path:
+    """The checkpoint folder inside an MLflow Model folder, as its MLmodel file names it (read as plain
+    YAML, at most MAX_CONFIG_BYTES; a path leading outside the folder is refused)."""
+    mlmodel = folder / "MLmodel"
+    if mlmodel.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{mlmodel}: over {MAX_CONFIG_BYTES} bytes, not an MLmodel file")
+    try:
+        meta = yaml.safe_load(mlmodel.read_text())
+        rel = meta["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
+        target = (folder / rel).resolve()
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{mlmodel}: not an RGNN MLflow Model (no python_function artifact "
+                         f"{MODEL_ARTIFACT!r}): {e!r}") from None
+    if not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"{mlmodel}: its {MODEL_ARTIFACT!r} artifact {rel!r} points outside the model folder")
+    return target
 
 
 def _fetch_checkpoint(uri: str) -> Path:

@@ -104,6 +104,7 @@ class ClusterConfig:
 class TrackingConfig:
     tracking_uri: str | None = None
     experiment: str = "rgnn"
+    register_model: str | None = None  # a Model Registry name the final MLflow Model is registered under
 
 
 def _model_defaults() -> ModelConfig:
@@ -439,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("tracking")
     o.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     o.add_argument("--experiment", help="MLflow experiment name (default rgnn)")
+    o.add_argument("--register-model", metavar="NAME",
+                   help="register the final model (an MLflow Model: pyfunc, base64 images in, class scores out) in "
+                        "MLflow's Model Registry under NAME; then predict or serve it as models:/NAME/<version>")
     o.add_argument("--config", help="JSON/YAML file of settings (the same names, underscores); flags override it")
     o.add_argument("--summary", help="write a JSON summary (run id, checkpoint, mAP per stage, per-class AP) here")
     o.add_argument("--smoke-test", action="store_true", help="the whole pipeline on a tiny synthetic set in a few minutes")

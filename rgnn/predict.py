@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rgnn.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint, write_json
+from rgnn.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from rgnn.data.images import decode_image
 from rgnn.data.transforms import PAPER_INPUT, InputConfig, Preprocess, pad_images
 from rgnn.engine import StageModel
 from rgnn.model import RGNN
 from rgnn.proposals import EdgeBoxes, ProposalParams
+from rgnn.storage import write_json
 
 TOP_REGIONS = 5
 

@@ -62,9 +62,9 @@ import torch
 from torch import Tensor, nn
 
 from rgnn.backbones import Backbone, build_backbone, xavier_linear
-from rgnn.checkpoint import atomic_write, write_text
 from rgnn.data import synthetic
 from rgnn.model import IMAGENET_MEAN, IMAGENET_STD
+from rgnn.storage import atomic_write, write_text
 
 # Bump when the crops or the training change meaning: it is part of the cache file's hash.
 VERSION = 1

@@ -3,8 +3,12 @@ parent runs of a search or an ablation. The training engine never imports this m
 callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.training.Hooks."""
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -12,9 +16,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mlflow.entities import Metric
+import mlflow
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 from mlflow.tracking import MlflowClient
 
+from rgnn import mlflow_model
 from rgnn.config import redact
 
 
@@ -53,18 +59,61 @@ def artifact_root(uri: str) -> str | None:
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
               run_id: str | None = None) -> str:
-    """Create (or reopen, with run_id) the run of one training; returns its id."""
+    """Create (or reopen, with run_id) the run of one training; returns its id.
+
+    Beside `tags`, a new run gets what the MLflow UI shows as its source, user and commit."""
     check_reachable(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
     if run_id is None:
+        tags = {"mlflow.source.name": sys.argv[0] or "python", "mlflow.source.type": "JOB",
+                "mlflow.user": getpass.getuser(), "mlflow.source.git.commit": git_commit(), **tags}
         run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         for key, value in params.items():
             client.log_param(run_id, key, value)
     else:
         client.update_run(run_id, status="RUNNING")
     return run_id
+
+
+def dataset_input(split_dir: str, manifest: dict, context: str) -> DatasetInput:
+    """A shard split as an MLflow dataset input: the manifest's data set name, a digest of its shards'
+    sha256, where it lives and its counts; `context` is "training" or "validation"."""
+    digest = hashlib.sha256("".join(e["sha256"] for e in manifest["shards"]).encode()).hexdigest()[:16]
+    profile = {"images": manifest["samples"], "classes": len(manifest["class_names"]),
+               "shards": len(manifest["shards"]), "bytes": sum(e["bytes"] for e in manifest["shards"]),
+               "proposals_per_image": manifest["proposals"].get("max_boxes")}
+    source = str(split_dir)
+    dataset = Dataset(name=manifest["dataset"], digest=digest, source_type="s3" if source.startswith("s3://") else "local",
+                      source=json.dumps({"uri": source}), profile=json.dumps(profile))
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str, node: str, interval: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where present) of this machine, every `interval` seconds, as the
+    run's system/<node>/... metrics while the block runs (MLflow's SystemMetricsMonitor)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node, tracking_uri=uri,
+                                   resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def register_model(uri: str, run_id: str, name: str) -> str:
+    """Register the run's MLflow Model (its `model_uri` tag, set by RunLogger.model) in the Model Registry
+    under `name`; returns the version's URI, models:/<name>/<version>."""
+    model_uri = MlflowClient(uri).get_run(run_id).data.tags.get("model_uri")
+    if not model_uri:
+        raise ValueError(f"run {run_id} has no logged model to register (it ended before its final model)")
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(model_uri, name)
+    return f"models:/{name}/{version.version}"
 
 
 def recall_metrics(split: str, recall: dict) -> dict[str, float]:
@@ -118,6 +167,7 @@ class RunLogger:
     """Rank 0's handle on the training's MLflow run: buffered metrics, artifacts, tags."""
 
     def __init__(self, uri: str, run_id: str):
+        self.uri = uri
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self._buffer: list[Metric] = []
@@ -153,8 +203,20 @@ class RunLogger:
             self.tag("stage_reached", stage)
         self.flush()
 
+    def datasets(self, inputs: list[DatasetInput]) -> None:
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
     def tag(self, key: str, value) -> None:
         self.client.set_tag(self.run_id, key, str(value))
+
+    def model(self, checkpoint_folder: str | Path, class_names: list[str], example_image: bytes) -> str:
+        """Log a checkpoint folder as the run's MLflow Model `model` (rgnn.mlflow_model, with `example_image`
+        as its input example); returns the model URI, also kept in the run's `model_uri` tag."""
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):  # log_model logs into the active run
+            uri = mlflow_model.log_model(checkpoint_folder, class_names, example_image)
+        self.tag("model_uri", uri)
+        return uri
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

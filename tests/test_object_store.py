@@ -1,21 +1,12 @@
 """Every storage location as an object-store URI, against a real S3-compatible server on loopback
 (moto's standalone server): shards written to and resumed on the store, training streaming from it,
 corrupt shards named there, checkpoints saved to and loaded from it (weights only, size-bounded),
-the errors of a missing object, bucket or credentials, and a Ray Train run whose storage is s3://."""
+the errors of a missing object, bucket or credentials. A Ray Train run on the store: tests/test_deployment.py."""
 from __future__ import annotations
 
 import argparse
 import functools
 import hashlib
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,53 +28,9 @@ from sharding.build_shards import build_shards
 
 s3fs = pytest.importorskip("s3fs")
 torch.set_num_threads(1)
-BUCKET = "rgnn-test"
+BUCKET = "rgnn-test"  # conftest's s3
 PARAMS = ProposalParams(max_boxes=16)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """s3://rgnn-test on a moto server of this session, reached through the standard AWS environment."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        nowhere = tmp_path_factory.mktemp("aws") / "none"  # no ~/.aws profile of the machine's user
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                         "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(nowhere),
-                         "AWS_SHARED_CREDENTIALS_FILE": str(nowhere)}.items():
-                mp.setenv(k, v)
-            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-                mp.delenv(k, raising=False)
-            s3fs.S3FileSystem.clear_instance_cache()
-            client().mkdir(BUCKET)
-            yield f"s3://{BUCKET}"
-            s3fs.S3FileSystem.clear_instance_cache()
-            client.cache_clear()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(autouse=True)
@@ -278,23 +225,10 @@ def test_errors_name_the_uri(s3, synthetic_root, monkeypatch):
 
 
 @pytest.mark.ray
-def test_a_ray_train_run_keeps_its_run_folder_and_checkpoints_on_the_store(s3, s3_shards, tmp_path):
-    import ray
+def test_resuming_a_run_the_store_does_not_hold_is_named(s3, s3_shards, tmp_path):
+    from cluster.driver import fit
 
-    from cluster.driver import RUN_ID_FILE, fit, mlflow_run_id
-
-    flat = dict(shards=s3_shards, smoke_test=True, epochs=[1, 0, 0, 0], workers=1, max_regions=8, image_size=96,
-                global_size=64, batch_size=6, storage=f"{s3}/runs", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    flat = dict(shards=s3_shards, smoke_test=True, storage=f"{s3}/runs", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(FileNotFoundError, match=f"no run 'gone' under {s3}/runs"):
         fit(resolve(TrainConfig.from_flat(flat, name="gone", resume=True)))
-    try:
-        summary = fit(resolve(TrainConfig.from_flat(flat, name="on-s3")))
-    finally:
-        ray.shutdown()
-    run_dir = f"{s3}/runs/on-s3"
-    ckpt = summary["checkpoint"]
-    assert ckpt.startswith(f"{run_dir}/checkpoint_") and ckpt.endswith("/checkpoint.pt")
-    assert storage.isfile(ckpt) and not os.path.exists(ckpt)
-    assert mlflow_run_id(run_dir) == summary["run_id"] and storage.isfile(f"{run_dir}/{RUN_ID_FILE}")
-    assert Predictor.load(ckpt).class_names == shards.class_names(f"{s3_shards}/train2017")  # --checkpoint takes it
-    assert json.loads(storage.read_text(f"{storage.parent(ckpt)}/config.json"))["storage"] == f"{s3}/runs"
+    # a whole Ray Train run on the store: tests/test_deployment.py

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rgnn.checkpoint import load_checkpoint, save_checkpoint
-from rgnn.config import TrainConfig, resolve
+from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
@@ -21,30 +21,11 @@ from rgnn.evaluate import main as evaluate_main
 from rgnn.metrics import average_precision, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
 from rgnn.predict import Prediction, Predictor, describe, main as predict_main
-from rgnn.proposals import ProposalParams
-from rgnn.training import model_config, run_stages, validate
+from rgnn.training import validate
 from rgnn.visualize import class_gates, main as visualize_main
-from sharding.build_shards import build_shards
 
 torch.set_num_threads(1)
 MAINS = {"rgnn.predict": predict_main, "rgnn.evaluate": evaluate_main, "rgnn.visualize": visualize_main}
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory):
-    """A small RGNN trained through all 4 stages on the tiny synthetic set, saved as cluster/ saves it."""
-    out = tmp_path_factory.mktemp("trained")
-    for split in ("train2017", "val2017"):
-        build_shards(read_coco(synthetic_root, split), out / "shards", actors=0,
-                     params=ProposalParams(max_boxes=24), progress=False)
-    cfg = resolve(TrainConfig.from_flat(shards=str(out / "shards"), smoke_test=True, epochs=[1, 1, 1, 1],
-                                        max_regions=12, image_size=96, global_size=64, batch_size=12))
-    names = shards.class_names(out / "shards" / "train2017")
-    torch.manual_seed(0)
-    model = RGNN(model_config(cfg, len(names)))
-    run_stages(cfg, model, names, out / "shards" / "train2017", out / "shards" / "val2017", torch.device("cpu"))
-    save_checkpoint(out / "ckpt", model, names, cfg.to_flat(), stage="joint")
-    return out
 
 
 def scores_in_batches(predictor: Predictor, paths: list[str], batch: int) -> np.ndarray:
@@ -102,7 +83,7 @@ def test_predict_from_an_mlflow_model_uri(trained, synthetic_root, tmp_path, mon
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(trained / "ckpt"), "model")  # as rgnn.artifacts logs the final model
+        mlflow.log_artifacts(str(trained / "ckpt"), "model")  # a checkpoint folder as plain artifacts
     image = str(sorted((synthetic_root / "val2017").glob("*.jpg"))[0])
     by_uri = predict_main(["--checkpoint", f"runs:/{run.info.run_id}/model", image, "--out", str(tmp_path / "a.json")])
     by_path = predict_main(["--checkpoint", str(trained / "ckpt"), image, "--out", str(tmp_path / "b.json")])

@@ -1,21 +1,21 @@
 """cluster/train_coco.py end to end against a real local head node (`ray start --head` on 127.0.0.1):
-`ray job submit`, a training worker killed mid-run, and an MLflow tracking server read back over REST."""
+`ray job submit` and `--resume` of a stopped run. A killed worker, 2 nodes, an object store and an MLflow
+server: tests/test_deployment.py."""
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import services
 from rgnn.data.images import decode_image
 from rgnn.predict import Predictor
 
@@ -26,12 +26,6 @@ BIN = Path(sys.executable).parent
 STAGES = ["global", "regional", "gates", "joint"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
     """A real head node with 2 CPUs, what a user starts with `ray start --head` (as in the README:
@@ -39,12 +33,17 @@ def head():
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    port, dashboard = free_port(), free_port()
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
-    yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    port, dashboard = services.free_port(), services.free_port()
+    temp = tempfile.mkdtemp(prefix="rgnn-ray-")  # every process of this head names it: stopped by it below
+    try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                        "--temp-dir", temp, "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                       timeout=120)
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:  # this head only: `ray stop` would stop every Ray of the machine
+        services.stop_process_trees([temp, f"127.0.0.1:{port}"])
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +88,13 @@ def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatc
     assert tags["ray_nodes"] == "1" and tags["git_commit"]
     assert mlrun.data.params["epochs"] == "[1, 1, 1, 2]" and mlrun.data.params["workers"] == "2"
     names = {a.path for a in client.list_artifacts(summary["run_id"])}
-    assert {"config.json", "per_class_ap.md", "per_class_ap.csv", "pr_curves.png", "gates", "model"} <= names
+    assert {"config.json", "per_class_ap.md", "per_class_ap.csv", "pr_curves.png", "gates"} <= names
     gates = client.list_artifacts(summary["run_id"], "gates")
     assert gates and all(a.path.endswith(".png") for a in gates)
     assert len(summary["per_class_ap"]) == 10
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # the logged model serves prediction again
+    assert tags["model_uri"] == summary["model_uri"] and summary["model_uri"].startswith("models:/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # the logged MLflow Model serves prediction again
     predictor = Predictor.load(f"runs:/{summary['run_id']}/model")
     image = next((cache / "synthetic-48-24-seed0" / "val2017").glob("*.jpg"))
     prediction = predictor([decode_image(image)])[0]
@@ -103,43 +103,6 @@ def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatc
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
-
-
-def _train_worker_pids() -> list[int]:
-    """Ray names its actor processes by title: `ray::RayTrainWorker...`."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if b"RayTrainWorker" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return pids
-
-
-def test_killed_worker_resumes_from_checkpoint(head, cache, tmp_path):
-    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
-    args = train_args(tmp_path, cache, "--epochs", "1,3,1,3", "--name", "killed",
-                      "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 600
-        # a checkpoint folder exists before its report is registered: wait until a later one exists
-        while len(_checkpoints(tmp_path / "runs" / "killed")) < 3:
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.2)
-        victims = _train_worker_pids()
-        assert victims, "no RayTrainWorker process found"
-        os.kill(max(victims), signal.SIGKILL)
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output[-4000:]
-    assert "resuming from checkpoint" in output
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["map"]) == STAGES
 
 
 def test_stopped_run_continues_with_resume(head, cache, tmp_path):
@@ -162,53 +125,10 @@ def test_stopped_run_continues_with_resume(head, cache, tmp_path):
     assert summary["run_id"] == run_id and list(summary["map"]) == STAGES  # the same MLflow run, finished
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-
-
-def rest(url: str, endpoint: str, **query) -> dict:
-    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=10) as r:
-        return json.load(r)
-
-
-def test_tracking_server_holds_the_run(head, cache, tmp_path, mlflow_server):
-    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
-    run = subprocess.run([sys.executable, *train_args(tmp_path, cache, "--tracking-uri", mlflow_server,
-                                                      "--experiment", "server-test")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    run_id = json.loads((tmp_path / "summary.json").read_text())["run_id"]
-    data = rest(mlflow_server, "runs/get", run_id=run_id)["run"]
-    metrics = {m["key"]: m["value"] for m in data["data"]["metrics"]}
-    assert {"train/loss_cls", "val/mAP", "val/mAP/joint"} <= set(metrics)
-    assert {t["key"]: t["value"] for t in data["data"]["tags"]}["stage_reached"] == "joint"
-    history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss_cls")["metrics"]
-    assert len(history) > 3
-    files = {f["path"] for f in rest(mlflow_server, "artifacts/list", run_id=run_id)["files"]}
-    assert {"pr_curves.png", "per_class_ap.csv", "model"} <= files
-
-
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     start = time.time()
     run = subprocess.run([sys.executable, "cluster/train_coco.py", "--smoke-test",
-                          "--tracking-uri", f"http://127.0.0.1:{free_port()}"],
+                          "--tracking-uri", f"http://127.0.0.1:{services.free_port()}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "127.0.0.1" in run.stderr and "reach" in run.stderr

@@ -25,6 +25,7 @@ No Ray here: this module runs in any PyTorch process.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -238,6 +239,14 @@ def _read_part(part: _Part) -> Iterator[dict]:
         if (part.offset + i) % part.modulus == part.residue:
             sample["__shard__"] = part.path
             yield sample
+
+
+def first_image(split_dir: str | Path) -> bytes:
+    """The image file of the split's first sample, as stored (an example input for a logged model)."""
+    entry = next(e for e in _readable_manifest(split_dir)["shards"] if e["samples"] > 0)
+    with contextlib.closing(_read_shard(str(storage.join(split_dir, entry["name"])), entry["samples"])) as samples:
+        sample = next(samples)
+    return next(v for k, v in sample.items() if not k.startswith("__") and k not in META_FIELDS)
 
 
 class ShardDataset(IterableDataset):

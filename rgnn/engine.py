@@ -95,7 +95,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         clip_norm: the gradients' global norm is clipped to this before each update (None: not clipped).
         on_update: called after each update (an EMA of the weights follows them there).
         precision: the forward pass's autocast (see `autocast_dtype`); the loss is float32 regardless.
-        scaler: fp16's loss scaler, kept by the caller across epochs (made here when fp16 needs one).
+        scaler: fp16's loss scaler, kept by the caller across epochs (required for fp16, else None).
 
     Returns:
         the epoch's mean loss_cls, loss_loc, the last lambda and the step (batch) count.
@@ -104,7 +104,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     dtype = autocast_dtype(precision, device)
     if dtype == torch.float16 and scaler is None:
-        scaler = torch.amp.GradScaler(device.type)
+        raise ValueError("fp16 training needs a GradScaler (torch.amp.GradScaler), kept by the caller across epochs")
     sums, steps, lam, pending = {"loss_cls": 0.0, "loss_loc": 0.0}, 0, 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for step, (batch, last) in enumerate(_mark_last(loader)):
@@ -154,7 +154,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The forward pass's autocast dtype, None for plain float32. "auto" is bfloat16 on GPUs (no
-    loss scaling needed) and float32 elsewhere; fp16 needs a loss scaler (train_one_epoch makes it)."""
+    loss scaling needed) and float32 elsewhere; fp16 needs a loss scaler (the caller's, see train_one_epoch)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if precision == "auto":

@@ -212,14 +212,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path | str:
-    """`data` written as `atomic_write` writes (on an object store: a single PUT)."""
-    path = location(path)
-    if isinstance(path, Path):
-        return atomic_write(path, lambda f: f.write(data))
-    fs, p = filesystem(path)
-    with errors(path):
-        fs.pipe_file(p, data)
-    return path
+    """`data` written by `atomic_write` (whole or not at all, the upload's size checked)."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def write_text(path: str | Path, text: str) -> Path | str:

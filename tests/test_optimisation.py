@@ -167,6 +167,8 @@ def test_precision_picks_the_autocast_and_fp16_scales_the_loss(update):
     assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="precision"):
         autocast_dtype("int8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="GradScaler"):  # a scaler made per epoch would forget its scale
+        update(batch_size=4, images=4, precision="fp16")
     full = update(batch_size=4, images=4)["state"]
     half = update(batch_size=4, images=4, precision="bf16")["state"]
     moved = [k for k in full if not torch.equal(full[k], update.start[k])]

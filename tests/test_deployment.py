@@ -43,15 +43,25 @@ def tracking_server(s3, tmp_path_factory):
 
 
 def train_worker_pids() -> list[int]:
-    """Ray names its actor processes by title: `ray::RayTrainWorker...`."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    """This test's RayTrainWorker processes: Ray titles them `ray::RayTrainWorker...`, and they descend from
+    this process (through the cluster's raylets), unlike those of any other Ray on the machine."""
+    parents, titles = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if b"RayTrainWorker" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
+            pid = int(stat.parent.name)
+            parents[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            titles[pid] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):  # ended meanwhile
             pass
-    return pids
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, title in titles.items() if b"RayTrainWorker" in title and ours(pid)]
 
 
 def run(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

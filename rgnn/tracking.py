@@ -105,14 +105,24 @@ def system_metrics(uri: str, run_id: str, node: str, interval: float = 10.0) -> 
         monitor.finish()
 
 
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model) pointed at `uri` for the block only: the process's
+    own setting ($MLFLOW_TRACKING_URI or mlflow.set_tracking_uri) is left as it was."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # MLflow's own scoped setter
+
+    with _use_tracking_uri(uri):
+        yield
+
+
 def register_model(uri: str, run_id: str, name: str) -> str:
     """Register the run's MLflow Model (its `model_uri` tag, set by RunLogger.model) in the Model Registry
     under `name`; returns the version's URI, models:/<name>/<version>."""
     model_uri = MlflowClient(uri).get_run(run_id).data.tags.get("model_uri")
     if not model_uri:
         raise ValueError(f"run {run_id} has no logged model to register (it ended before its final model)")
-    mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(model_uri, name)
+    with fluent_tracking_uri(uri):
+        version = mlflow.register_model(model_uri, name)
     return f"models:/{name}/{version.version}"
 
 
@@ -212,8 +222,7 @@ class RunLogger:
     def model(self, checkpoint_folder: str | Path, class_names: list[str], example_image: bytes) -> str:
         """Log a checkpoint folder as the run's MLflow Model `model` (rgnn.mlflow_model, with `example_image`
         as its input example); returns the model URI, also kept in the run's `model_uri` tag."""
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):  # log_model logs into the active run
+        with fluent_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):  # log_model logs into the active run
             uri = mlflow_model.log_model(checkpoint_folder, class_names, example_image)
         self.tag("model_uri", uri)
         return uri

@@ -43,8 +43,7 @@ def logged(trained, tmp_path_factory):
 
 @pytest.fixture()
 def tracking(logged, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])
-    mlflow.set_tracking_uri(logged["uri"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])  # what rgnn.predict and MLflow's loaders use
     return logged
 
 
@@ -128,3 +127,8 @@ def test_mlflow_models_serve_answers_invocations(tracking, synthetic_root, tmp_p
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def test_logging_the_model_leaves_the_process_tracking_uri_alone(logged, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")  # later code's own store
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/other.db"

@@ -145,16 +145,17 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     client.set_terminated(run_id, status="FINISHED")
     last = result.metrics or {}
     maps = last.get("maps", {})
-    metrics = client.get_run(run_id).data.metrics
+    run = client.get_run(run_id).data
     summary = {"run_id": run_id,
                "checkpoint": checkpoint_uri(result.checkpoint) if result.checkpoint else None,
                "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
-               "map": maps, "per_class_ap": {n: metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in metrics},
+               "map": maps,
+               "per_class_ap": {n: run.metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in run.metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
                "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment,
-               "model_uri": client.get_run(run_id).data.tags.get("model_uri")}
+               "model_uri": run.tags.get("model_uri")}
     if cfg.tracking.register_model and summary["model_uri"]:
-        summary["registered_model"] = register_model(uri, run_id, cfg.tracking.register_model)
+        summary["registered_model"] = register_model(uri, summary["model_uri"], cfg.tracking.register_model)
     if summary_path:
         write_json(summary_path, summary)
     return summary

@@ -20,7 +20,6 @@ import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 from mlflow.tracking import MlflowClient
 
-from rgnn import mlflow_model
 from rgnn.config import redact
 
 
@@ -115,12 +114,9 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
         yield
 
 
-def register_model(uri: str, run_id: str, name: str) -> str:
-    """Register the run's MLflow Model (its `model_uri` tag, set by RunLogger.model) in the Model Registry
-    under `name`; returns the version's URI, models:/<name>/<version>."""
-    model_uri = MlflowClient(uri).get_run(run_id).data.tags.get("model_uri")
-    if not model_uri:
-        raise ValueError(f"run {run_id} has no logged model to register (it ended before its final model)")
+def register_model(uri: str, model_uri: str, name: str) -> str:
+    """Register a logged MLflow Model (what RunLogger.model returns, kept in the run's `model_uri` tag) in the
+    Model Registry under `name`; returns the version's URI, models:/<name>/<version>."""
     with fluent_tracking_uri(uri):
         version = mlflow.register_model(model_uri, name)
     return f"models:/{name}/{version.version}"
@@ -222,6 +218,8 @@ class RunLogger:
     def model(self, checkpoint_folder: str | Path, class_names: list[str], example_image: bytes) -> str:
         """Log a checkpoint folder as the run's MLflow Model `model` (rgnn.mlflow_model, with `example_image`
         as its input example); returns the model URI, also kept in the run's `model_uri` tag."""
+        from rgnn import mlflow_model  # torch and the model: only in the process that logs one
+
         with fluent_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):  # log_model logs into the active run
             uri = mlflow_model.log_model(checkpoint_folder, class_names, example_image)
         self.tag("model_uri", uri)

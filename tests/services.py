@@ -44,24 +44,35 @@ def wait_http(url: str, server: subprocess.Popen, what: str, log: Path | None = 
             time.sleep(0.3)
 
 
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process of the machine (Ray retitles its workers:
+    `ray::RayTrainWorker...`)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            found[int(stat.parent.name)] = (parent, command)
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            pass
+    return found
+
+
+def descendants(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
+    """`roots` and every process below them in `table` (what `processes` returns)."""
+    tree = set(roots)
+    while more := {pid for pid, (parent, _) in table.items() if parent in tree} - tree:
+        tree |= more
+    return tree
+
+
 def stop_process_trees(marks: list[str], grace: float = 10.0) -> None:
     """Stop every process whose command line holds one of `marks`, with all its descendants (SIGTERM, then
     SIGKILL after `grace` seconds): one Ray head's processes, where `ray stop` would stop every Ray of the
     machine (another user's run, an experiment)."""
-    parents, commands = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            parents[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            commands[pid] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):  # ended meanwhile
-            pass
-    tree = {pid for pid, cmd in commands.items() if pid != os.getpid() and any(m in cmd for m in marks)}
-    while True:
-        more = {pid for pid, parent in parents.items() if parent in tree} - tree
-        if not more:
-            break
-        tree |= more
+    table = processes()
+    tree = descendants({pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(m in cmd for m in marks)},
+                       table)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in tree:
             try:

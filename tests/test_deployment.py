@@ -43,25 +43,11 @@ def tracking_server(s3, tmp_path_factory):
 
 
 def train_worker_pids() -> list[int]:
-    """This test's RayTrainWorker processes: Ray titles them `ray::RayTrainWorker...`, and they descend from
-    this process (through the cluster's raylets), unlike those of any other Ray on the machine."""
-    parents, titles = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            parents[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            titles[pid] = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):  # ended meanwhile
-            pass
-
-    def ours(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    return [pid for pid, title in titles.items() if b"RayTrainWorker" in title and ours(pid)]
+    """This test's RayTrainWorker processes: they descend from this process (through the cluster's raylets),
+    unlike those of any other Ray on the machine."""
+    table = services.processes()
+    return [pid for pid in services.descendants({os.getpid()}, table) - {os.getpid()}
+            if "RayTrainWorker" in table[pid][1]]
 
 
 def run(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import services
 from rgnn import mlflow_model
 from rgnn.checkpoint import resolve_checkpoint
 from rgnn.data import shards
@@ -37,7 +36,7 @@ def logged(trained, tmp_path_factory):
     run_id = start_run(uri, "test", "pyfunc", {}, {})
     names = shards.class_names(trained / "shards" / "val2017")
     model_uri = RunLogger(uri, run_id).model(trained / "ckpt", names, shards.first_image(trained / "shards" / "val2017"))
-    version = register_model(uri, run_id, NAME)
+    version = register_model(uri, model_uri, NAME)
     return {"uri": uri, "run_id": run_id, "model_uri": model_uri, "version": version, "names": names}
 
 
@@ -92,28 +91,14 @@ def test_an_mlmodel_pointing_outside_its_folder_is_refused(tmp_path):
         resolve_checkpoint(tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_invocations(tracking, synthetic_root, tmp_path):
-    port = free_port()
+    port = services.free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", tracking["version"],
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               env={**os.environ, "MLFLOW_TRACKING_URI": tracking["uri"]}, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except (urllib.error.URLError, OSError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow models serve did not start: " + (tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(1)
+        services.wait_http(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve", tmp_path / "serve.log")
         files = val_images(synthetic_root, 2)
         cells = [mlflow_model.encode_image(f) for f in files]
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}).encode()

@@ -54,7 +54,7 @@ def ui(trained, tmp_path_factory):
         log.flush()
     names = shards.class_names(val)
     model_uri = log.model(trained / "ckpt", names, shards.first_image(val))
-    version = register_model(uri, run_id, MODEL)
+    version = register_model(uri, model_uri, MODEL)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
     with services.mlflow_server(uri, str(root / "artifacts")) as url:
         yield {"url": url, "uri": uri, "run_id": run_id, "model_uri": model_uri, "version": version,

@@ -153,10 +153,15 @@ def _steps(total: int, batch_size: int, world_size: int) -> int:
 # One sample: decode, then the shared Preprocess
 
 
+def _image_fields(sample: dict) -> list[str]:
+    """The fields of a raw shard sample that are not metadata: its image (one, in a valid sample)."""
+    return [k for k in sample if not k.startswith("__") and k not in META_FIELDS]
+
+
 def _decode_sample(sample: dict, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, ImageRecord]:
     """Raw shard sample -> (image uint8[H, W, 3], proposals f32[T, 4], scores f32[T], record)."""
     name = f"{where} sample {sample.get('__key__')!r}"
-    image_fields = [k for k in sample if not k.startswith("__") and k not in META_FIELDS]
+    image_fields = _image_fields(sample)
     missing = [k for k in META_FIELDS if k not in sample] + ([] if image_fields else ["jpg"])
     if missing or len(image_fields) > 1:
         raise ValueError(f"{name}: expected fields {list(META_FIELDS)} and one image, got {sorted(sample)}")
@@ -246,7 +251,7 @@ def first_image(split_dir: str | Path) -> bytes:
     entry = next(e for e in _readable_manifest(split_dir)["shards"] if e["samples"] > 0)
     with contextlib.closing(_read_shard(str(storage.join(split_dir, entry["name"])), entry["samples"])) as samples:
         sample = next(samples)
-    return next(v for k, v in sample.items() if not k.startswith("__") and k not in META_FIELDS)
+    return sample[_image_fields(sample)[0]]
 
 
 class ShardDataset(IterableDataset):

@@ -162,6 +162,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
+def memory_format(layout: str) -> torch.memory_format:
+    """The convolutions' memory layout: channels_last (NHWC, the default) or contiguous (NCHW).
+
+    Convolutions follow their weight's layout, so `model.to(memory_format=...)` is enough (RoI
+    pooling reads either; results agree to float rounding). channels_last made the built-in set's
+    training step 1.4-1.6x faster on this project's CPUs (README: Benchmarks), and cuDNN's
+    tensor-core kernels for bf16/fp16 work in NHWC.
+    """
+    if layout not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format={layout!r}: expected one of {MEMORY_FORMATS}")
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
 def _mark_last(items: Iterable) -> Iterator[tuple[object, bool]]:
     """(item, whether it is the last) for each item."""
     it = iter(items)

@@ -19,8 +19,8 @@ from rgnn.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
 from rgnn.ema import EMA
-from rgnn.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, stage_progress,
-                         train_one_epoch)
+from rgnn.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, memory_format,
+                         stage_progress, train_one_epoch)
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
 from rgnn.model import RGNN, ModelConfig
 from rgnn.pretrain import pretrained_weights
@@ -143,6 +143,7 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
     """
     s, inputs = cfg.schedule, cfg.input
     state = state or TrainState(stage=cfg.cluster.start_stage)
+    model.to(memory_format=memory_format(s.memory_format))  # in place: the parameters stay the same objects
     steps = shards.steps_per_epoch(train_dir, s.batch_size, world)
     voc07 = cfg.dataset == "voc" and "2007" in str(cfg.data.voc_root)
     final = None

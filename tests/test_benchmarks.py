@@ -13,8 +13,9 @@ def test_gpu_step_benchmark_quick_on_cpu(tmp_path, monkeypatch):
     import gpu_step
 
     out = tmp_path / "gpu_step.json"
-    result = gpu_step.main(["--quick", "--device", "cpu", "--out", str(out)])
-    assert [r["precision"] for r in result["rows"]] == ["fp32", "bf16"]
+    result = gpu_step.main(["--setting", "quick", "--device", "cpu", "--out", str(out)])
+    assert [(r["precision"], r["memory_format"]) for r in result["rows"]] == [
+        ("fp32", "contiguous"), ("fp32", "channels_last"), ("bf16", "contiguous"), ("bf16", "channels_last")]
     for r in result["rows"]:
         assert r["rgnn_images_per_s"] > 0 and r["global_images_per_s"] > 0 and r["rgnn_peak_gib"] is None
     assert json.loads(out.read_text())["rows"][0]["regions"] == 16

@@ -181,3 +181,33 @@ def test_precision_picks_the_autocast_and_fp16_scales_the_loss(update):
     huge = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # fp16 gradients overflow: the step is skipped
     skipped = update(batch_size=4, images=4, precision="fp16", scaler=huge)["state"]
     assert all(torch.equal(skipped[k], update.start[k]) for k in moved) and huge.get_scale() < 2.0 ** 40
+
+
+
+def test_channels_last_is_applied_and_gives_the_same_gradients(shard_root):
+    from rgnn.engine import memory_format, stage_losses
+
+    assert memory_format("channels_last") == torch.channels_last
+    assert memory_format("contiguous") == torch.contiguous_format
+    with pytest.raises(ValueError, match="memory_format"):
+        memory_format("nhwc")
+    names = shards.class_names(shard_root / "train2017")
+    cfg = tiny(shard_root, epochs=[1, 0, 0, 0], gate="region", batch_size=6)  # channels_last by default
+    torch.manual_seed(0)
+    model = RGNN(model_config(cfg, len(names)))
+    start = copy.deepcopy(model)
+    run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017", torch.device("cpu"))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    # the regional forward (RoI pooling on an NHWC map) and backward agree with NCHW's to float rounding
+    batch = next(iter(shards.shard_loader(shard_root / "train2017", Preprocess.for_stage(cfg.input, start.cfg, "joint"),
+                                          batch_size=4, shuffle=False)))
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net = copy.deepcopy(start).to(memory_format=layout).eval()
+        set_trainable(net, "joint")
+        stage_losses(StageModel(net, "joint")(batch), batch, "joint", 0.5, len(names))["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().max() > 0

@@ -22,7 +22,7 @@ from cluster.loop import train_loop_per_worker
 from cluster.ray_setup import init_ray
 from rgnn import storage
 from rgnn.checkpoint import CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint
-from rgnn.config import TrainConfig, parse_args, redact
+from rgnn.config import ClusterConfig, TrainConfig, parse_args, redact
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
 from rgnn.pretrain import pretrained_weights
@@ -51,6 +51,16 @@ def checkpoint_uri(checkpoint) -> str:
     kind = checkpoint.filesystem.type_name  # pyarrow's: "local", "s3", "gcs", ...
     folder = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
     return str(storage.join(folder, CHECKPOINT_FILE))
+
+
+def scaling(c: ClusterConfig, cluster_gpus: float) -> tuple[int, float]:
+    """(DDP workers, GPUs per worker). The GPU path switches itself on where the cluster has a GPU for
+    every worker; without `--workers`, one worker per GPU of the cluster, or 2 on CPUs."""
+    workers = c.workers or (int(cluster_gpus) if cluster_gpus >= 1 else 2)
+    gpus = c.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus >= workers else 0.0
+    return workers, gpus
 
 
 def describe(cfg: TrainConfig, train: dict, val: dict) -> str:
@@ -104,6 +114,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
         print(f"backbone weights: {pretrained_weights(cfg.data.cache_dir)}", flush=True)
 
     init_ray()
+    c.workers, gpus = scaling(c, ray.cluster_resources().get("GPU", 0))
     tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
             "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,
             "defaults_chosen": json.dumps(cfg.chosen)[:5000]}
@@ -120,9 +131,6 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
         log.metrics(recall_metrics(storage.basename(split_dir), manifest.get("proposal_recall", {})), 0)
     log.flush()
 
-    gpus = c.gpus_per_worker
-    if gpus is None:  # the GPU path switches itself on where the cluster has GPUs
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= c.workers else 0.0
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_flat(), "train_dir": str(train_dir), "val_dir": str(val_dir),

@@ -89,7 +89,7 @@ class ScheduleConfig:
 
 @dataclass
 class ClusterConfig:
-    workers: int = 2
+    workers: int | None = None  # DDP workers; None: one per GPU of the cluster, 2 without GPUs (cluster.driver)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None
     loader_workers: int = 0
@@ -318,7 +318,7 @@ def _check(cfg: TrainConfig) -> None:
     if s.weight_decay < 0 or s.accumulate < 1 or (s.clip_norm is not None and not s.clip_norm > 0):
         raise ValueError(f"weight_decay={s.weight_decay} must be >= 0, accumulate={s.accumulate} >= 1 and "
                          f"clip_norm={s.clip_norm} > 0")
-    if c.workers < 1 or s.batch_size < 1 or cfg.input.max_regions < 0:
+    if (c.workers is not None and c.workers < 1) or s.batch_size < 1 or cfg.input.max_regions < 0:
         raise ValueError("workers and batch_size must be >= 1 and max_regions >= 0")
     if not 0.0 <= cfg.model.dropout < 1.0 or s.lr <= 0:
         raise ValueError(f"dropout={cfg.model.dropout} must be in [0, 1) and lr={s.lr} > 0")
@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch, not only after each stage")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     c = p.add_argument_group("cluster and checkpoints")
-    c.add_argument("--workers", type=int, help="DDP training workers (default 2)")
+    c.add_argument("--workers", type=int, help="DDP training workers (default: one per GPU where the cluster has "
+                                               "GPUs, else 2)")
     c.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default 1)")
     c.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
     c.add_argument("--loader-workers", type=int, help="DataLoader processes per training worker (default 0)")

@@ -64,7 +64,7 @@ class Predictor:
     def __init__(self, model: RGNN, class_names: list[str], stage: str, inputs: InputConfig,
                  edge_model: str | None = None, device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()  # as it trained (rgnn.engine)
         self.class_names = list(class_names)
         self.stage = stage
         inputs.validate()

@@ -150,3 +150,15 @@ def test_best_checkpoint_is_the_highest_val_map_among_the_kept():
     on_s3 = (SimpleNamespace(path="bucket/runs/c9", filesystem=SimpleNamespace(type_name="s3")), {
         "stage": "joint", "epoch": 3, "val/mAP": 0.9})
     assert best_checkpoint([*kept, on_s3])["checkpoint"] == "s3://bucket/runs/c9/checkpoint.pt"
+
+
+def test_scaling_gives_one_worker_per_gpu_unless_told():
+    from cluster.driver import scaling
+    from rgnn.config import ClusterConfig
+
+    assert scaling(ClusterConfig(), 0) == (2, 0.0)  # CPUs: 2 DDP workers
+    assert scaling(ClusterConfig(), 8) == (8, 1.0)  # a multi-GPU node: one worker per GPU
+    assert scaling(ClusterConfig(), 1) == (1, 1.0)  # one GPU: one worker on it, not 2 on the CPUs
+    assert scaling(ClusterConfig(workers=4), 2) == (4, 0.0)  # more workers than GPUs: CPUs
+    assert scaling(ClusterConfig(workers=2), 8) == (2, 1.0)
+    assert scaling(ClusterConfig(workers=2, gpus_per_worker=0.5), 0) == (2, 0.5)  # told: as told

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from rgnn.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from rgnn.data.images import decode_image
 from rgnn.data.transforms import PAPER_INPUT, InputConfig, Preprocess, pad_images
-from rgnn.engine import StageModel
+from rgnn.engine import StageModel, memory_format
 from rgnn.model import RGNN
 from rgnn.proposals import EdgeBoxes, ProposalParams
 from rgnn.storage import write_json
@@ -64,7 +64,8 @@ class Predictor:
     def __init__(self, model: RGNN, class_names: list[str], stage: str, inputs: InputConfig,
                  edge_model: str | None = None, device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()  # as it trained (rgnn.engine)
+        # NHWC whatever the training's layout: faster convolutions, the same scores to float rounding
+        self.model = model.to(self.device, memory_format=memory_format("channels_last")).eval()
         self.class_names = list(class_names)
         self.stage = stage
         inputs.validate()

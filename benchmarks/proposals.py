@@ -11,7 +11,7 @@ and so more gradient edges. Reports wall-clock and CPU (process) time per image,
 per image, and on the synthetic images the recall at IoU 0.5 and 0.7. The issue's target: at least
 10 images/s per core at 500x375 (the paper quotes about 200 ms per image for EdgeBoxes).
 
-Shard job: the whole sharding job (`sharding.build_shards.build_shards`: actor start, decoding,
+Shard job: the whole sharding job (`sharding.job.build_shards`: actor start, decoding,
 proposals, tar writing, manifest) on --shard-images synthetic JPEGs at --size, on a local Ray of
 --shard-cpus CPUs, with 1 and 2 actors; end-to-end images/s. The issue's target: 2 actors at least
 1.7x one actor on 2 cores.
@@ -146,7 +146,7 @@ def bench_shard_job(n_images: int = 384, size: tuple[int, int] = (500, 375), act
     """
     import ray  # noqa: PLC0415 (only this part of the benchmark needs Ray)
     from cluster.ray_setup import init_ray  # noqa: PLC0415
-    from sharding.build_shards import build_shards, plan_shards  # noqa: PLC0415
+    from sharding.job import build_shards, plan_shards  # noqa: PLC0415
 
     started = not ray.is_initialized()
     init_ray(num_cpus=num_cpus, include_dashboard=False)

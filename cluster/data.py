@@ -15,7 +15,7 @@ from rgnn.data.synthetic import generate
 from rgnn.data.transforms import InputConfig
 from rgnn.data.voc import read_voc
 from rgnn.proposals import ProposalParams
-from sharding.build_shards import build_shards
+from sharding.job import build_shards
 
 
 def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0,

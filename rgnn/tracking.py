@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 from rgnn.config import redact
@@ -220,8 +220,15 @@ class RunLogger:
         as its input example); returns the model URI, also kept in the run's `model_uri` tag."""
         from rgnn import mlflow_model  # torch and the model: only in the process that logs one
 
-        with fluent_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):  # log_model logs into the active run
-            uri = mlflow_model.log_model(checkpoint_folder, class_names, example_image)
+        with fluent_tracking_uri(self.uri):
+            mlflow.start_run(run_id=self.run_id)  # log_model logs into the active run
+            try:
+                uri = mlflow_model.log_model(checkpoint_folder, class_names, example_image)
+            finally:
+                # Leaving the fluent run must not end the training's run: `with mlflow.start_run()` would
+                # mark it FINISHED here, in the worker, while the driver is still training (and a search
+                # interrupted then sees a finished trial that its driver later marks FAILED).
+                mlflow.end_run(status=RunStatus.to_string(RunStatus.RUNNING))
         self.tag("model_uri", uri)
         return uri
 

@@ -21,7 +21,7 @@ def shard_root(synthetic_root, tmp_path_factory):
     """`synthetic_root`'s splits as shards (16 proposals per image), built without Ray."""
     from rgnn.data.coco import read_coco
     from rgnn.proposals import ProposalParams
-    from sharding.build_shards import build_shards
+    from sharding.job import build_shards
 
     out = tmp_path_factory.mktemp("shards")
     for split in ("train2017", "val2017"):
@@ -43,7 +43,7 @@ def trained(synthetic_root, tmp_path_factory):
     from rgnn.model import RGNN
     from rgnn.proposals import ProposalParams
     from rgnn.training import model_config, run_stages
-    from sharding.build_shards import build_shards
+    from sharding.job import build_shards
 
     out = tmp_path_factory.mktemp("trained")
     for split in ("train2017", "val2017"):

@@ -40,6 +40,6 @@ def test_engine_and_model_import_neither_ray_nor_mlflow():
 
 def test_the_sharding_actors_code_does_not_load_torch():
     """Its actors start in about half the time and memory without torch (sharding/build_shards.py)."""
-    code = "import sys, sharding.build_shards\nprint('torch' in sys.modules)"
+    code = "import sys, sharding.build_shards, sharding.job\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import sharding.build_shards as build_module
+import sharding.job as build_module
 from cluster.data import prepare_shards
 from rgnn import checkpoint, storage
 from rgnn.config import TrainConfig, resolve
@@ -24,7 +24,7 @@ from rgnn.model import RGNN
 from rgnn.predict import Predictor
 from rgnn.proposals import ProposalParams
 from rgnn.training import Hooks, model_config, run_stages
-from sharding.build_shards import build_shards
+from sharding.job import build_shards
 
 s3fs = pytest.importorskip("s3fs")
 torch.set_num_threads(1)

@@ -1,5 +1,6 @@
 """The Ray sharding job (sharding/build_shards.py): actors, manifest, resume, faults, multi-node."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from rgnn.data import shards  # noqa: E402
 from rgnn.data.coco import read_coco  # noqa: E402
 from rgnn.proposals import ProposalParams  # noqa: E402
 from cluster.ray_setup import init_ray  # noqa: E402
-from sharding.build_shards import build_shards, plan_shards  # noqa: E402
+from sharding.job import build_shards, plan_shards  # noqa: E402
 from test_shards import tar_samples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,3 +191,60 @@ def test_cli_help_and_inline_run(source, tmp_path):
     assert run.returncode == 0, run.stderr
     m = shards.read_manifest(tmp_path / "train2017")
     assert m["complete"] and m["samples"] == 2 and len(m["shards"]) == 2 and m["proposals"]["max_boxes"] == 20
+
+
+def _script(*args, env=None, cwd=None):
+    """`python sharding/build_shards.py ARGS` as a user runs it: a script, so its own module is `__main__`."""
+    run = subprocess.run([sys.executable, str(ROOT / "sharding" / "build_shards.py"), *args, "--no-progress"],
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout + run.stderr
+
+
+@pytest.mark.ray
+def test_the_script_with_two_actors_builds_resumes_and_rebuilds_relabelled_shards(source, tmp_path, s3):
+    """The README's command with Ray actors: a script's classes are `__main__.*`, which Ray pickles by
+    value; the ones it ships must come from an importable module (a frozen dataclass with a
+    cached_property holds an RLock on Python < 3.12 and cannot be pickled by value)."""
+    root = tmp_path / "coco"
+    shutil.copytree(source, root)
+    size = str(_shard_size(read_coco(root, "train2017").records, 4))
+    args = ["--coco-root", str(root), "--split", "train2017", "--actors", "2", "--max-boxes", "20",
+            "--shard-size", size, "--num-cpus", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    _script(*args, "--out", str(tmp_path / "out"), env=env, cwd=tmp_path)
+    split_dir = tmp_path / "out" / "train2017"
+    m = shards.read_manifest(split_dir)
+    assert m["complete"] and m["job"]["actors"] == 2 and len(m["shards"]) >= 3
+    shards.verify_shards(split_dir)
+    before = {e["name"]: e for e in m["shards"]}
+
+    log = _script(*args, "--out", str(tmp_path / "out"), env=env, cwd=tmp_path)
+    assert f"keeping {len(before)} verified shards, building 0" in log
+    assert shards.read_manifest(split_dir)["shards"] == m["shards"]
+
+    ann_file = root / "annotations" / "instances_train2017.json"
+    ann = json.loads(ann_file.read_text())
+    relabelled = ann["annotations"][0]
+    others = [c["id"] for c in ann["categories"] if c["id"] != relabelled["category_id"]]
+    relabelled["category_id"] = others[0]
+    ann_file.write_text(json.dumps(ann))
+    image = next(i for i in ann["images"] if i["id"] == relabelled["image_id"])
+    victim = next(e["name"] for e in m["shards"]
+                  if str(relabelled["image_id"]) in tar_samples(split_dir / e["name"]))
+    log = _script(*args, "--out", str(tmp_path / "out"), env=env, cwd=tmp_path)
+    assert f"keeping {len(before) - 1} verified shards, building 1" in log and victim in log
+    after = {e["name"]: e for e in shards.read_manifest(split_dir)["shards"]}
+    assert sorted(after) == sorted(before) and after[victim]["sha256"] != before[victim]["sha256"]
+    assert all(after[n] == before[n] for n in before if n != victim)
+    sample = json.loads(tar_samples(split_dir / victim)[str(image["id"])]["json"])
+    names = shards.class_names(split_dir)
+    cat_names = {c["id"]: c["name"] for c in ann["categories"]}
+    assert names.index(cat_names[others[0]]) in sample["labels"]
+
+    _script(*args, "--out", f"{s3}/script-shards", env=env, cwd=tmp_path)
+    on_store = shards.read_manifest(f"{s3}/script-shards/train2017")
+    assert on_store["complete"] and on_store["job"]["actors"] == 2
+    assert [e["sha256"] for e in on_store["shards"]] == [e["sha256"] for e in after.values()]
+    shards.verify_shards(f"{s3}/script-shards/train2017")
+

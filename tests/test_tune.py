@@ -75,7 +75,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
             if state.is_file():
                 done = [r for r in child_runs(client, json.loads(state.read_text())["parent_run_id"])
                         if r.info.run_name.startswith("trial") and r.info.status == "FINISHED"]
-                if done:
+                if done:  # seen FINISHED: it must stay so, with this end time, through the interrupt and resume
+                    seen = {r.info.run_id: r.info.end_time for r in done}
                     break
             time.sleep(1)
         proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state
@@ -87,6 +88,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     parent = json.loads(state.read_text())["parent_run_id"]
     finished = {r.info.run_id: r.info.end_time for r in child_runs(client, parent)
                 if r.info.run_name.startswith("trial") and r.info.status == "FINISHED"}
+    assert all(finished.get(k) == v for k, v in seen.items()), (seen, finished)
     assert not (tmp_path / "out" / "best_config.json").exists()
 
     run = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -5,12 +5,12 @@ channels-last layout, against the global step on the same input.
                                   [--memory-formats contiguous,channels_last] [--setting paper|builtin|quick]
                                   [--out FILE]
 
-The step is the engine's own (`rgnn.engine.train_one_epoch` on one batch): the joint stage's
+The step is the engine's own (`rgnn.train.engine.train_one_epoch` on one batch): the joint stage's
 forward, eq. 9 (eq. 6 + lambda eq. 7 with eq. 8's targets), backward and Adam, VGG-16 with region
 gates and 5 scales at shorter side 600 (600 x 800 images), T = 500 proposals, 2 images per GPU
 (section 4.2). The reference is the global stage's step (stage 1: whole image, fc8, eq. 6) on the
 same images. Peak memory is CUDA's max allocated per setting (not measured on CPUs). The layout
-is the model's (`rgnn.engine.memory_format`: convolutions follow their weights). `--setting builtin`
+is the model's (`rgnn.train.engine.memory_format`: convolutions follow their weights). `--setting builtin`
 is the small CNN at the built-in set's input (batch 16, 192 x 256, T = 128: what a CPU worker trains);
 `--setting quick` (CI, on the CPU) the small CNN at 96 x 128, T = 16, one timed step: a check that the
 script works, not a figure. Random weights and inputs: speed does not depend on them.
@@ -25,9 +25,9 @@ import torch
 from model_step import random_boxes, time_pair
 from report import RESULTS, write_result
 from rgnn.data.transforms import Batch
-from rgnn.engine import MEMORY_FORMATS, PRECISIONS, StageModel, memory_format, train_one_epoch
-from rgnn.model import RGNN, ModelConfig
-from rgnn.schedule import set_trainable
+from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS, StageModel, memory_format, train_one_epoch
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.train.schedule import set_trainable
 
 NUM_CLASSES = 80  # COCO
 SETTINGS = {"paper": dict(backbone="vgg16", batch=2, height=600, width=800, regions=500, iters=5),

@@ -3,7 +3,7 @@
     python benchmarks/inference.py [--backbones small,vgg16] [--regions 500] [--images 5] [--device cpu]
                                    [--threads N] [--out FILE]
 
-Exactly what `rgnn.predict` does for one image of VOC size (500x375, a synthetic picture), through
+Exactly what `rgnn.infer.predict` does for one image of VOC size (500x375, a synthetic picture), through
 its `Predictor`: proposals (gradient edges + EdgeBoxes on the original image, 2T searched, the best
 T kept), then the network: resize to the training input (shorter side 600, longer <= 1000 for
 VGG-16 as in the paper's Fast R-CNN setting; 192 for the small CNN), normalise, the RGNN forward
@@ -28,11 +28,11 @@ import torch
 
 from report import RESULTS, write_result
 from rgnn.data.synthetic import make_image
-from rgnn.config import SYNTHETIC_RECIPE
+from rgnn.train.config import SYNTHETIC_RECIPE
 from rgnn.data.transforms import PAPER_INPUT, InputConfig
 from rgnn.data.voc import VOC_CLASSES
-from rgnn.model import RGNN, ModelConfig
-from rgnn.predict import Predictor
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.infer.predict import Predictor
 
 # the network's input per backbone: the built-in recipe's for the small CNN, the paper's for the others
 SMALL_INPUT = InputConfig(SYNTHETIC_RECIPE["image_size"], 2 * SYNTHETIC_RECIPE["image_size"], SYNTHETIC_RECIPE["global_size"])

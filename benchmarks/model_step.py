@@ -19,9 +19,9 @@ import time
 import torch
 
 from report import RESULTS, write_result
-from rgnn.losses import balanced_multilabel_loss
-from rgnn.model import RGNN, ModelConfig
-from rgnn.schedule import set_trainable
+from rgnn.nn.losses import balanced_multilabel_loss
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.train.schedule import set_trainable
 
 NUM_CLASSES = 20  # VOC
 TARGET_RATIO = 1.5  # issue 3: RGNN step <= 1.5x global step at T = 200
@@ -72,7 +72,7 @@ def bench_backbone(name: str, regions: list[int], batch: int, h: int, w: int, it
 
     def step(forward):
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # as rgnn.engine on GPUs
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # as rgnn.train.engine on GPUs
             loss = balanced_multilabel_loss(forward(), targets)
         loss.backward()
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--quick", action="store_true", help="smaller VGG/ResNet input and batch, fewer steps")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (what rgnn.engine does on GPUs)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (what rgnn.train.engine does on GPUs)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default per backbone)")
     p.add_argument("--size", type=_ints, default=None, help="H,W of the input (default per backbone)")
     p.add_argument("--out", default=str(RESULTS / "model_step.json"), help="JSON results")

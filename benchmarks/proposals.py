@@ -3,7 +3,7 @@
     python benchmarks/proposals.py [--images N] [--size 500,375] [--edge-model FILE] [--no-photos]
                                    [--shard-images N] [--shard-cpus N] [--out FILE]
 
-Proposals: `rgnn.proposals.EdgeBoxes` with the default `ProposalParams` on one core
+Proposals: `rgnn.data.proposals.EdgeBoxes` with the default `ProposalParams` on one core
 (`cv2.setNumThreads(1)`), one image at a time, on images of the built-in synthetic set (drawn by
 `rgnn.data.synthetic.make_image`, resized to --size, ground-truth boxes scaled with them); also on
 the natural photos that matplotlib and scikit-learn ship (if installed), which have more texture
@@ -32,7 +32,7 @@ import numpy as np
 from report import RESULTS, write_result
 from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.data.synthetic import CATEGORY_IDS, CLASS_NAMES, make_image
-from rgnn.proposals import EdgeBoxes, ProposalParams, proposal_recall
+from rgnn.data.proposals import EdgeBoxes, ProposalParams, proposal_recall
 
 TARGET_IMAGES_PER_S = 10.0  # issue 4, per core at 500x375
 TARGET_SHARD_SPEEDUP = 1.7  # issue 4: the shard job with 2 actors vs 1 actor, on 2 cores

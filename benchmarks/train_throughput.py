@@ -3,7 +3,7 @@ rate against the training step's.
 
     python benchmarks/train_throughput.py [--stage joint] [--steps 12] [--out FILE]
 
-Data: the built-in synthetic set's shards with the demo's defaults (rgnn.config: small backbone,
+Data: the built-in synthetic set's shards with the demo's defaults (rgnn.train.config: small backbone,
 shorter side 192, T = 64, batch 16 per worker), built on first use by cluster/data.py. Each worker
 decodes its batches before the clock starts, so the training rate is the step's alone (forward,
 eq. 9's loss, backward, DDP all-reduce, Adam). The pipeline rate is one process reading shards,
@@ -27,13 +27,13 @@ import torch.multiprocessing as mp
 
 from cluster.data import prepare_shards
 from report import RESULTS, write_result
-from rgnn.config import TrainConfig, resolve
+from rgnn.train.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.data.transforms import Preprocess
-from rgnn.engine import StageModel, train_one_epoch
-from rgnn.model import RGNN
-from rgnn.schedule import set_trainable
-from rgnn.training import model_config
+from rgnn.train.engine import StageModel, train_one_epoch
+from rgnn.nn.model import RGNN
+from rgnn.train.schedule import set_trainable
+from rgnn.train.stages import model_config
 
 TARGET_EFFICIENCY = 0.8
 TARGET_PIPELINE = 3.0

@@ -2,7 +2,7 @@
 
     python -m cluster.ablation [training flags: --shards / --coco-root / --voc-root / none] [--seeds N] [--out table.md]
 
-Every row is trained and evaluated in this process with plain PyTorch (rgnn.training.run_stages,
+Every row is trained and evaluated in this process with plain PyTorch (rgnn.train.stages.run_stages,
 on a GPU when there is one; Ray only builds missing shards) and logged as an MLflow child run of
 one parent run. Every row runs once per seed; the table gives the mean and the standard deviation
 over seeds. Stage 1 (global fine-tuning) does not depend on any row's setting, so it is trained
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from cluster.data import prepare_shards
-from rgnn.config import TrainConfig, build_parser, config_from_args, resolve
+from rgnn.train.config import TrainConfig, build_parser, config_from_args, resolve
 from rgnn.data import shards
-from rgnn.model import RGNN
-from rgnn.storage import atomic_write, write_json, write_text
+from rgnn.nn.model import RGNN
+from rgnn.io.storage import atomic_write, write_json, write_text
 from rgnn.tables import ap_table, to_markdown
-from rgnn.tracking import RunLogger, parent_run, resolve_tracking_uri, start_run
-from rgnn.training import Hooks, epoch_line, model_config, run_stages
+from rgnn.tracking.runs import RunLogger, parent_run, resolve_tracking_uri, start_run
+from rgnn.train.stages import Hooks, epoch_line, model_config, run_stages
 
 # name -> (config changes, how it trains: "regional" | "multilabel" | "multitask")
 ROWS = {

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import ray
 
-from rgnn import storage
-from rgnn.config import DataConfig
+from rgnn.io import storage
+from rgnn.train.config import DataConfig
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.synthetic import generate
 from rgnn.data.transforms import InputConfig
 from rgnn.data.voc import read_voc
-from rgnn.proposals import ProposalParams
+from rgnn.data.proposals import ProposalParams
 from sharding.job import build_shards
 
 

@@ -20,15 +20,16 @@ from ray.train.torch import TorchTrainer
 from cluster.data import prepare_shards
 from cluster.loop import train_loop_per_worker
 from cluster.ray_setup import init_ray
-from rgnn import storage
-from rgnn.checkpoint import CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint
-from rgnn.config import ClusterConfig, TrainConfig, parse_args, redact
+from rgnn.io import storage
+from rgnn.io.checkpoint import CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint
+from rgnn.io.redaction import redact
+from rgnn.train.config import ClusterConfig, TrainConfig, parse_args
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
-from rgnn.pretrain import pretrained_weights
-from rgnn.schedule import STAGES
-from rgnn.storage import write_json, write_text
-from rgnn.tracking import (RunLogger, check_reachable, dataset_input, git_commit, recall_metrics, register_model,
+from rgnn.train.pretrain import pretrained_weights
+from rgnn.train.schedule import STAGES
+from rgnn.io.storage import write_json, write_text
+from rgnn.tracking.runs import (RunLogger, check_reachable, dataset_input, git_commit, recall_metrics, register_model,
                            resolve_tracking_uri, start_run)
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -47,7 +48,7 @@ def mlflow_run_id(run_dir: str | Path) -> str | None:
 
 def checkpoint_uri(checkpoint) -> str:
     """The checkpoint.pt of a Ray Train checkpoint as a local path or a URI (s3://...), what
-    --init-checkpoint and rgnn.predict --checkpoint take (Ray's `path` holds no scheme)."""
+    --init-checkpoint and rgnn.infer.predict --checkpoint take (Ray's `path` holds no scheme)."""
     kind = checkpoint.filesystem.type_name  # pyarrow's: "local", "s3", "gcs", ...
     folder = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
     return str(storage.join(folder, CHECKPOINT_FILE))

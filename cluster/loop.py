@@ -1,4 +1,4 @@
-"""The per-worker function of Ray Train: rgnn.training.run_stages inside a thin Ray shell.
+"""The per-worker function of Ray Train: rgnn.train.stages.run_stages inside a thin Ray shell.
 
 Ray enters only here: `get_checkpoint` to resume, `prepare_model` for DDP, and `report` after
 every epoch, with rank 0 attaching the checkpoint (model, optimiser, stage, epoch, lambda state)
@@ -17,14 +17,14 @@ import ray.train
 import ray.train.torch
 import torch
 
-from rgnn import storage
-from rgnn.artifacts import log_final_artifacts
-from rgnn.checkpoint import check_classes, read_checkpoint, resolve_checkpoint, save_checkpoint
-from rgnn.config import TrainConfig
+from rgnn.io import storage
+from rgnn.tracking.artifacts import log_final_artifacts
+from rgnn.io.checkpoint import check_classes, read_checkpoint, resolve_checkpoint, save_checkpoint
+from rgnn.train.config import TrainConfig
 from rgnn.data import shards
-from rgnn.model import RGNN
-from rgnn.tracking import RunLogger, system_metrics
-from rgnn.training import Hooks, TrainState, epoch_line, model_config, run_stages
+from rgnn.nn.model import RGNN
+from rgnn.tracking.runs import RunLogger, system_metrics
+from rgnn.train.stages import Hooks, TrainState, epoch_line, model_config, run_stages
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"\n{message}\n", file=sys.__stdout__, flush=True)
         log.tag("warning", "loss_not_falling")
 
-    # rgnn.schedule.set_trainable freezes what a stage's forward does not run (fc8 when fc6/fc7
+    # rgnn.train.schedule.set_trainable freezes what a stage's forward does not run (fc8 when fc6/fc7
     # is pooled, all but the gate in stage 3), so every trainable parameter gets a gradient.
     hooks = Hooks(wrap=ray.train.torch.prepare_model, report=report,
                   on_step=log.step if log else None, on_epoch=on_epoch if log else None,

@@ -13,7 +13,7 @@ Ray: `--address` joins that cluster; without it, RAY_ADDRESS or a running local 
 else a local Ray is started (with `--num-cpus` CPUs if given). `--actors 0` runs without Ray, in
 this process (debugging, tiny sets). On a multi-node cluster `--out` must be a path every node
 can write (a shared file system) or an object-store URI (`s3://bucket/prefix`, credentials and
-endpoint from the standard AWS environment, see rgnn/storage.py), and the job should be submitted with
+endpoint from the standard AWS environment, see rgnn/io/storage.py), and the job should be submitted with
 `ray job submit --working-dir . -- python sharding/build_shards.py ...` so that every node has this code.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from cluster.ray_setup import init_ray
-from rgnn.proposals import ProposalParams
+from rgnn.data.proposals import ProposalParams
 from sharding.job import DEFAULT_SHARD_SIZE, build_shards, reader
 
 

@@ -54,10 +54,10 @@ import ray
 from tqdm import tqdm
 
 from cluster.ray_setup import init_ray
-from rgnn import storage
+from rgnn.io import storage
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord, LabeledSet
-from rgnn.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
+from rgnn.data.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
 from sharding.writer import exclusive, remove_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def write_shard(task: ShardTask, split_dir: str, params: ProposalParams, edge_mo
     Returns:
         the shard's manifest entry {name, samples, sha256, bytes, inputs, recall_counts} plus
         `skipped`, a list of {image, reason, shard} for the images left out. `recall_counts` (summed
-        `rgnn.proposals.recall_counts`) is taken among the best T = max_boxes / 2 proposals (training's
+        `rgnn.data.proposals.recall_counts`) is taken among the best T = max_boxes / 2 proposals (training's
         T when the shards store 2 T) and among all max_boxes.
     """
     proposer = EdgeBoxes(params, edge_model)
@@ -454,7 +454,7 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
         progress: show a progress bar (images/s).
 
     Returns:
-        SHARDS/<split> (a Path, or a str for a URI: rgnn.storage.location).
+        SHARDS/<split> (a Path, or a str for a URI: rgnn.io.storage.location).
 
     Raises:
         ValueError: a bad argument; RuntimeError: a shard whose actor keeps dying.

@@ -1,6 +1,6 @@
 """Where the sharding job's bytes go: whole files or nothing, to a local folder or an object store.
 
-Every file the job writes (a shard, the manifest) goes through `rgnn.storage`: a local file is
+Every file the job writes (a shard, the manifest) goes through `rgnn.io.storage`: a local file is
 written under a temporary name beside the target, fsynced and renamed onto it when complete; an
 object (`s3://...`) is written to a local temporary file and uploaded once when complete, and an
 object store shows an object only whole. A reader or a resumed job never sees half a file.
@@ -13,7 +13,7 @@ import hashlib
 import os
 from typing import BinaryIO, Callable, Iterator
 
-from rgnn import storage
+from rgnn.io import storage
 
 
 class _HashingStream:
@@ -34,7 +34,7 @@ class _HashingStream:
 
 
 def write_atomic(path: str, fill: Callable[[BinaryIO], None]) -> tuple[str, int]:
-    """Write a file whole or not at all (`rgnn.storage.atomic_write`).
+    """Write a file whole or not at all (`rgnn.io.storage.atomic_write`).
 
     Args:
         path: the target (a local path or an object-store URI).

@@ -20,7 +20,7 @@ def synthetic_root(tmp_path_factory):
 def shard_root(synthetic_root, tmp_path_factory):
     """`synthetic_root`'s splits as shards (16 proposals per image), built without Ray."""
     from rgnn.data.coco import read_coco
-    from rgnn.proposals import ProposalParams
+    from rgnn.data.proposals import ProposalParams
     from sharding.job import build_shards
 
     out = tmp_path_factory.mktemp("shards")
@@ -36,13 +36,13 @@ def trained(synthetic_root, tmp_path_factory):
     saves it, `shards/` its data (24 proposals per image)."""
     import torch
 
-    from rgnn.checkpoint import save_checkpoint
-    from rgnn.config import TrainConfig, resolve
+    from rgnn.io.checkpoint import save_checkpoint
+    from rgnn.train.config import TrainConfig, resolve
     from rgnn.data import shards
     from rgnn.data.coco import read_coco
-    from rgnn.model import RGNN
-    from rgnn.proposals import ProposalParams
-    from rgnn.training import model_config, run_stages
+    from rgnn.nn.model import RGNN
+    from rgnn.data.proposals import ProposalParams
+    from rgnn.train.stages import model_config, run_stages
     from sharding.job import build_shards
 
     out = tmp_path_factory.mktemp("trained")

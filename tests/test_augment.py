@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rgnn.config import parse_args
+from rgnn.train.config import parse_args
 from rgnn.data import shards
 from rgnn.data.transforms import Augment, InputConfig, Preprocess, denormalize, jitter_colour
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rgnn.config import TrainConfig, build_parser, load_file, parse_args, resolve
+from rgnn.train.config import TrainConfig, build_parser, load_file, parse_args, resolve
 
 
 def test_defaults_depend_on_data():
@@ -71,9 +71,9 @@ def test_flat_names_reach_their_sub_config():
 
 
 def test_flag_choices_come_from_the_library_tuples():
-    from rgnn.backbones import BACKBONES
-    from rgnn.model import GATES, POOL_LAYERS
-    from rgnn.schedule import LAMBDA_FAMILIES
+    from rgnn.nn.backbones import BACKBONES
+    from rgnn.nn.model import GATES, POOL_LAYERS
+    from rgnn.train.schedule import LAMBDA_FAMILIES
 
     actions = {a.dest: a for a in build_parser()._actions}
     assert actions["gate"].choices is GATES and actions["pool_layer"].choices is POOL_LAYERS
@@ -120,12 +120,12 @@ def test_credentials_never_reach_params_or_files():
             assert secret not in text
         assert "db:5432/mlflow" in text and "minio:9000/runs" in text and "v=1" in text  # the rest is kept
     assert cfg.to_flat()["storage"] == secret_uris["storage"]  # in memory: the real value
-    from rgnn.config import redact
+    from rgnn.io.redaction import redact
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db" and redact("runs") == "runs"
 
 
 def test_unreachable_server_error_hides_the_password():
-    from rgnn.tracking import check_reachable
+    from rgnn.tracking.runs import check_reachable
 
     with pytest.raises(ConnectionError) as e:
         check_reachable("http://bob:pa55word@127.0.0.1:9/", timeout=1)

@@ -21,9 +21,9 @@ from ray.cluster_utils import Cluster
 
 import services
 from cluster.driver import RUN_ID_FILE, mlflow_run_id
-from rgnn import storage
+from rgnn.io import storage
 from rgnn.data import shards
-from rgnn.predict import Predictor
+from rgnn.infer.predict import Predictor
 
 pytestmark = pytest.mark.ray
 s3fs = pytest.importorskip("s3fs")
@@ -116,7 +116,7 @@ def test_two_nodes_object_store_tracking_server_killed_worker_and_registry(s3, t
     image = str(next((synthetic_root / "val2017").glob("*.jpg")))
     client_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # MLflow needs no store credentials
     client_env.update(MLFLOW_TRACKING_URI=tracking_server, HOME=str(tmp_path))  # HOME: the download cache
-    run(["-m", "rgnn.predict", "--checkpoint", summary["registered_model"], image, "--out", str(tmp_path / "p.json")],
+    run(["-m", "rgnn.infer.predict", "--checkpoint", summary["registered_model"], image, "--out", str(tmp_path / "p.json")],
         client_env)
     predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
     assert len(predictions) == 1 and list(predictions[0]["scores"]) == names

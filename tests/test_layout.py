@@ -1,18 +1,78 @@
-"""Ray and MLflow stay at the edges: no module of rgnn/ imports Ray, and the training engine and the
-model import neither Ray nor MLflow (each module is imported in a fresh interpreter)."""
+"""The layers, as packages: what each package of rgnn/ may import, with Ray and MLflow at the edges.
+
+    rgnn.boxes, rgnn.scales, rgnn.metrics, rgnn.tables   the base: geometry, area bins, AP, tables
+    rgnn.nn        the network and its losses             base
+    rgnn.io        files, checkpoints, redaction          base, nn
+    rgnn.data      records, readers, proposals, shards    base, io
+    rgnn.train     config, schedule, engine, stages       base, nn, io, data
+    rgnn.infer     predict, evaluate, visualize           base, nn, io, data, train
+    rgnn.tracking  everything MLflow                      all of the above
+
+No module of rgnn/ imports Ray; only rgnn.tracking imports MLflow at module level (a command's `main`
+may import rgnn.tracking to log, and rgnn.io.checkpoint fetches a models:/ URI through MLflow when
+given one). The static rules are read from the source; the fresh-interpreter checks load the modules.
+"""
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rgnn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(m.name for m in pkgutil.walk_packages(rgnn.__path__, "rgnn."))
-ENGINE = ("rgnn.model", "rgnn.gates", "rgnn.pooling", "rgnn.backbones", "rgnn.losses", "rgnn.schedule",
-          "rgnn.engine", "rgnn.training", "rgnn.metrics", "rgnn.data.shards", "rgnn.data.transforms")
+BASE = {"rgnn.boxes", "rgnn.scales", "rgnn.metrics", "rgnn.tables"}
+MAY_IMPORT = {
+    "base": BASE,
+    "rgnn.nn": BASE,
+    "rgnn.io": BASE | {"rgnn.nn"},
+    "rgnn.data": BASE | {"rgnn.io"},
+    "rgnn.train": BASE | {"rgnn.nn", "rgnn.io", "rgnn.data"},
+    "rgnn.infer": BASE | {"rgnn.nn", "rgnn.io", "rgnn.data", "rgnn.train"},
+    "rgnn.tracking": BASE | {"rgnn.nn", "rgnn.io", "rgnn.data", "rgnn.train", "rgnn.infer"},
+}
+ENGINE = ("rgnn.nn.model", "rgnn.nn.gates", "rgnn.nn.pooling", "rgnn.nn.backbones", "rgnn.nn.losses",
+          "rgnn.train.schedule", "rgnn.train.engine", "rgnn.train.stages", "rgnn.metrics", "rgnn.data.shards",
+          "rgnn.data.transforms")
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return "base" if len(parts) == 2 and not (ROOT / "rgnn" / parts[1]).is_dir() else ".".join(parts[:2])
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The modules a file imports outside any function (what importing it loads)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        nodes = [node] + ([n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                          if isinstance(node, (ast.If, ast.Try, ast.ClassDef)) else [])
+        for n in nodes:
+            if isinstance(n, ast.Import):
+                out |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+                out |= {n.module} | {f"{n.module}.{a.name}" for a in n.names if n.module == "rgnn"}
+    return out
+
+
+def all_imports(path: Path) -> set[str]:
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            out.add(n.module)
+    return out
+
+
+def source(module: str) -> Path:
+    path = ROOT / Path(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def imported_by(modules: list[str]) -> set[str]:
@@ -25,21 +85,54 @@ def imported_by(modules: list[str]) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_every_rgnn_module_is_found():
-    assert {"rgnn.training", "rgnn.predict", "rgnn.data.transforms", "rgnn.boxes"} <= set(MODULES)
+def test_every_rgnn_module_is_in_a_layer():
+    assert {"rgnn.train.stages", "rgnn.infer.predict", "rgnn.data.transforms", "rgnn.boxes",
+            "rgnn.tracking.runs", "rgnn.nn.model", "rgnn.io.checkpoint"} <= set(MODULES)
+    assert {package_of(m) for m in MODULES} == set(MAY_IMPORT)
 
 
-def test_no_rgnn_module_imports_ray():
+@pytest.mark.parametrize("module", MODULES)
+def test_each_module_imports_only_its_layers_below(module):
+    own = package_of(module)
+    for name in module_level_imports(source(module)):
+        top = name.split(".")[0]
+        assert top != "ray", f"{module} imports Ray"
+        assert top != "mlflow" or own == "rgnn.tracking", f"{module} imports MLflow outside rgnn.tracking"
+        if top == "rgnn" and name != "rgnn":
+            target = ".".join(name.split(".")[:2])  # a base module or a layer package
+            assert package_of(target) == own or target in MAY_IMPORT[own], f"{module} ({own}) imports {name}"
+
+
+def test_no_rgnn_module_imports_ray_even_inside_a_function():
+    for module in MODULES:
+        assert not any(n.split(".")[0] == "ray" for n in all_imports(source(module))), module
+
+
+def test_the_rules_catch_an_upward_import(tmp_path):
+    """The static check itself: an nn module importing tracking is seen."""
+    bad = tmp_path / "m.py"
+    bad.write_text("import os\nfrom rgnn.tracking.runs import RunLogger\ntry:\n    import mlflow\nexcept ImportError:\n    pass\n")
+    names = module_level_imports(bad)
+    assert {"rgnn.tracking.runs", "mlflow"} <= names
+    assert package_of("rgnn.tracking.runs") not in MAY_IMPORT["rgnn.nn"]
+
+
+def test_no_rgnn_module_loads_ray():
     assert "ray" not in imported_by(MODULES)
 
 
-def test_engine_and_model_import_neither_ray_nor_mlflow():
+def test_engine_and_model_load_neither_ray_nor_mlflow():
     loaded = imported_by(list(ENGINE))
     assert "torch" in loaded and "ray" not in loaded and "mlflow" not in loaded
 
 
+def test_redaction_and_storage_load_no_torch():
+    """A tracking URI or a storage path is redacted without loading torch or the model."""
+    assert "torch" not in imported_by(["rgnn.io.redaction", "rgnn.io.storage"])
+
+
 def test_the_sharding_actors_code_does_not_load_torch():
-    """Its actors start in about half the time and memory without torch (sharding/build_shards.py)."""
+    """Its actors start in about half the time and memory without torch (sharding/job.py)."""
     code = "import sys, sharding.build_shards, sharding.job\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

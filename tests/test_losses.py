@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from rgnn.losses import (balanced_multilabel_loss, localization_loss, localization_targets, multitask_loss,
+from rgnn.nn.losses import (balanced_multilabel_loss, localization_loss, localization_targets, multitask_loss,
                          region_targets)
-from rgnn.model import RGNNOutput
+from rgnn.nn.model import RGNNOutput
 
 
 def naive_balanced(logits, targets):

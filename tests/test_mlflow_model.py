@@ -18,12 +18,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import services
-from rgnn import mlflow_model
-from rgnn.checkpoint import resolve_checkpoint
+from rgnn.tracking import pyfunc
+from rgnn.io.checkpoint import resolve_checkpoint
 from rgnn.data import shards
 from rgnn.data.images import decode_image
-from rgnn.predict import Predictor, main as predict_main
-from rgnn.tracking import RunLogger, register_model, start_run
+from rgnn.infer.predict import Predictor, main as predict_main
+from rgnn.tracking.runs import RunLogger, register_model, start_run
 
 NAME = "rgnn-test"
 
@@ -42,7 +42,7 @@ def logged(trained, tmp_path_factory):
 
 @pytest.fixture()
 def tracking(logged, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])  # what rgnn.predict and MLflow's loaders use
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])  # what rgnn.infer.predict and MLflow's loaders use
     return logged
 
 
@@ -58,7 +58,7 @@ def test_logged_model_has_signature_example_and_predicts_like_the_predictor(trac
     assert run.data.tags["model_uri"] == tracking["model_uri"]
     assert run.info.status == "RUNNING"  # logging the model leaves the run to the training that owns it
     files = val_images(synthetic_root, 3)
-    frame = pd.DataFrame({"image": [mlflow_model.encode_image(f) for f in files]})
+    frame = pd.DataFrame({"image": [pyfunc.encode_image(f) for f in files]})
     out = mlflow.pyfunc.load_model(tracking["model_uri"]).predict(frame)
     assert list(out.columns) == tracking["names"] and len(out) == 3
     expected = np.stack([p.scores for p in Predictor.load(trained / "ckpt")([decode_image(f) for f in files])])
@@ -67,11 +67,11 @@ def test_logged_model_has_signature_example_and_predicts_like_the_predictor(trac
 
 def test_bad_input_rows_are_named(tracking, synthetic_root):
     model = mlflow.pyfunc.load_model(tracking["model_uri"])
-    good = mlflow_model.encode_image(val_images(synthetic_root, 1)[0])
+    good = pyfunc.encode_image(val_images(synthetic_root, 1)[0])
     with pytest.raises(Exception, match="row 1 of 'image': not base64"):
         model.predict(pd.DataFrame({"image": [good, "%%%"]}))
     with pytest.raises(ValueError, match="cannot decode image row 0"):
-        mlflow_model.decode_column(pd.DataFrame({"image": [mlflow_model.encode_image(b"not an image")]}))
+        pyfunc.decode_column(pd.DataFrame({"image": [pyfunc.encode_image(b"not an image")]}))
 
 
 def test_predict_from_the_registry_uses_the_weights_only_loader(tracking, trained, synthetic_root, tmp_path):
@@ -102,7 +102,7 @@ def test_mlflow_models_serve_answers_invocations(tracking, synthetic_root, tmp_p
     try:
         services.wait_http(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve", tmp_path / "serve.log")
         files = val_images(synthetic_root, 2)
-        cells = [mlflow_model.encode_image(f) for f in files]
+        cells = [pyfunc.encode_image(f) for f in files]
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})

@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 import services
 from cluster.driver import describe
-from rgnn.config import TrainConfig
+from rgnn.train.config import TrainConfig
 from rgnn.data import shards
-from rgnn.tracking import RunLogger, dataset_input, register_model, start_run, system_metrics
+from rgnn.tracking.runs import RunLogger, dataset_input, register_model, start_run, system_metrics
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODEL = "rgnn-ui"

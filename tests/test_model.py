@@ -7,13 +7,13 @@ import torch
 from torch import nn
 import torchvision
 
-from rgnn.backbones import build_backbone
-from rgnn.gates import FeatureGate, RegionGate, apply_gate, feature_gate, region_gate
-from rgnn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, region_targets
-from rgnn.model import GATES, POOL_LAYERS, RGNN, ModelConfig
-from rgnn.pooling import CrossRegionMaxPool, cross_region_max_pool
-from rgnn.pooling import area_bins
-from rgnn.schedule import STAGES, set_trainable
+from rgnn.nn.backbones import build_backbone
+from rgnn.nn.gates import FeatureGate, RegionGate, apply_gate, feature_gate, region_gate
+from rgnn.nn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, region_targets
+from rgnn.nn.model import GATES, POOL_LAYERS, RGNN, ModelConfig
+from rgnn.nn.pooling import CrossRegionMaxPool, cross_region_max_pool
+from rgnn.nn.pooling import area_bins
+from rgnn.train.schedule import STAGES, set_trainable
 
 torch.set_num_threads(1)
 

@@ -14,16 +14,16 @@ import torch
 
 import sharding.job as build_module
 from cluster.data import prepare_shards
-from rgnn import checkpoint, storage
-from rgnn.config import TrainConfig, resolve
+from rgnn.io import checkpoint, storage
+from rgnn.train.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
 from rgnn.data.transforms import InputConfig, Preprocess
-from rgnn.model import RGNN
-from rgnn.predict import Predictor
-from rgnn.proposals import ProposalParams
-from rgnn.training import Hooks, model_config, run_stages
+from rgnn.nn.model import RGNN
+from rgnn.infer.predict import Predictor
+from rgnn.data.proposals import ProposalParams
+from rgnn.train.stages import Hooks, model_config, run_stages
 from sharding.job import build_shards
 
 s3fs = pytest.importorskip("s3fs")

@@ -6,13 +6,13 @@ import copy
 import pytest
 import torch
 
-from rgnn.config import TrainConfig, resolve
+from rgnn.train.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.data.transforms import Preprocess
-from rgnn.engine import StageModel, train_one_epoch
-from rgnn.model import RGNN
-from rgnn.schedule import lr_factor, set_trainable
-from rgnn.training import Hooks, model_config, run_stages
+from rgnn.train.engine import StageModel, train_one_epoch
+from rgnn.nn.model import RGNN
+from rgnn.train.schedule import lr_factor, set_trainable
+from rgnn.train.stages import Hooks, model_config, run_stages
 
 
 def test_lr_factor_warms_up_then_follows_its_family():
@@ -116,7 +116,7 @@ def test_optimisation_settings_are_checked():
 
 
 def test_ema_follows_the_weights_with_its_warm_up_and_swaps_back():
-    from rgnn.ema import EMA
+    from rgnn.train.ema import EMA
 
     net = torch.nn.Linear(2, 1)
     with torch.no_grad():
@@ -155,12 +155,12 @@ def test_run_stages_evaluates_the_ema_and_keeps_the_better_on_val(shard_root):
         shard_root / "train2017", 6, 1)
     again = RGNN(model_config(cfg, len(names)))  # the kept weights are the ones that scored `best`
     again.load_state_dict(model.state_dict())
-    from rgnn.training import validate
+    from rgnn.train.stages import validate
     assert validate(again, "global", shard_root / "val2017", cfg.input, 6)["mAP"] == pytest.approx(best)
 
 
 def test_precision_picks_the_autocast_and_fp16_scales_the_loss(update):
-    from rgnn.engine import autocast_dtype
+    from rgnn.train.engine import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", torch.device("cuda")) is None
     assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16  # the GPU default
@@ -185,7 +185,7 @@ def test_precision_picks_the_autocast_and_fp16_scales_the_loss(update):
 
 
 def test_channels_last_is_applied_and_gives_the_same_gradients(shard_root):
-    from rgnn.engine import memory_format, stage_losses
+    from rgnn.train.engine import memory_format, stage_losses
 
     assert memory_format("channels_last") == torch.channels_last
     assert memory_format("contiguous") == torch.contiguous_format

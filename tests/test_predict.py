@@ -1,5 +1,5 @@
-"""Using a trained model: rgnn.predict on a folder with a broken file, rgnn.evaluate's table against
-the metrics module, and rgnn.visualize's Figure 3 file."""
+"""Using a trained model: rgnn.infer.predict on a folder with a broken file, rgnn.infer.evaluate's table against
+the metrics module, and rgnn.infer.visualize's Figure 3 file."""
 from __future__ import annotations
 
 import csv
@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from rgnn.checkpoint import load_checkpoint, save_checkpoint
-from rgnn.config import TrainConfig
+from rgnn.io.checkpoint import load_checkpoint, save_checkpoint
+from rgnn.train.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
 from rgnn.data.voc import VOC_CLASSES, read_voc
-from rgnn.evaluate import main as evaluate_main
+from rgnn.infer.evaluate import main as evaluate_main
 from rgnn.metrics import average_precision, multilabel_prf
-from rgnn.model import RGNN, ModelConfig
-from rgnn.predict import Prediction, Predictor, describe, main as predict_main
-from rgnn.training import validate
-from rgnn.visualize import class_gates, main as visualize_main
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.infer.predict import Prediction, Predictor, describe, main as predict_main
+from rgnn.train.stages import validate
+from rgnn.infer.visualize import class_gates, main as visualize_main
 
 torch.set_num_threads(1)
-MAINS = {"rgnn.predict": predict_main, "rgnn.evaluate": evaluate_main, "rgnn.visualize": visualize_main}
+MAINS = {"rgnn.infer.predict": predict_main, "rgnn.infer.evaluate": evaluate_main, "rgnn.infer.visualize": visualize_main}
 
 
 def scores_in_batches(predictor: Predictor, paths: list[str], batch: int) -> np.ndarray:
@@ -108,8 +108,8 @@ def test_prediction_json_per_label_regions_for_feature_gates():
 @pytest.mark.parametrize("module", sorted(MAINS))
 def test_missing_checkpoint_is_a_clear_error(module, synthetic_root, tmp_path):
     image = str(sorted((synthetic_root / "val2017").glob("*.jpg"))[0])
-    args = {"rgnn.predict": [image], "rgnn.evaluate": ["--coco-root", str(synthetic_root)],
-            "rgnn.visualize": [image, "--out", str(tmp_path / "f.png")]}[module]
+    args = {"rgnn.infer.predict": [image], "rgnn.infer.evaluate": ["--coco-root", str(synthetic_root)],
+            "rgnn.infer.visualize": [image, "--out", str(tmp_path / "f.png")]}[module]
     with pytest.raises(SystemExit, match=f"error: checkpoint not found: {tmp_path}/missing"):
         MAINS[module](["--checkpoint", str(tmp_path / "missing"), *args])
 
@@ -259,8 +259,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(module, tr
     (tmp_path / "evil").mkdir()
     torch.save(payload, tmp_path / "evil" / "checkpoint.pt")
     image = str(sorted((synthetic_root / "val2017").glob("*.jpg"))[0])
-    args = {"rgnn.predict": [image, "--out", str(tmp_path / "p.json")], "rgnn.evaluate": ["--coco-root", str(synthetic_root)],
-            "rgnn.visualize": [image, "--out", str(tmp_path / "f.png")]}[module]
+    args = {"rgnn.infer.predict": [image, "--out", str(tmp_path / "p.json")], "rgnn.infer.evaluate": ["--coco-root", str(synthetic_root)],
+            "rgnn.infer.visualize": [image, "--out", str(tmp_path / "f.png")]}[module]
     with pytest.raises(SystemExit, match="not a safe RGNN checkpoint"):
         MAINS[module](["--checkpoint", str(tmp_path / "evil"), *args])
     assert not victim.exists()

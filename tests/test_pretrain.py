@@ -1,14 +1,14 @@
-"""rgnn.pretrain: the ImageNet stand-in for the small backbone (tiny settings: seconds)."""
+"""rgnn.train.pretrain: the ImageNet stand-in for the small backbone (tiny settings: seconds)."""
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from rgnn import pretrain
-from rgnn.backbones import build_backbone
+from rgnn.train import pretrain
+from rgnn.nn.backbones import build_backbone
 from rgnn.data import synthetic
-from rgnn.pretrain import LABELS, TARGETS, PretrainSettings, pretrained_weights
+from rgnn.train.pretrain import LABELS, TARGETS, PretrainSettings, pretrained_weights
 
 TINY = PretrainSettings(crops=64, val_crops=32, epochs=1, batch_size=32, input_size=32)
 

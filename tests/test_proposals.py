@@ -1,4 +1,4 @@
-"""EdgeBoxes proposals (rgnn.proposals): recall on drawn scenes and on the built-in synthetic set,
+"""EdgeBoxes proposals (rgnn.data.proposals): recall on drawn scenes and on the built-in synthetic set,
 the output contract, determinism, odd inputs, and the structured-edge (model file) path checked
 against OpenCV's own orientation and NMS with a one-tree forest written here."""
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rgnn.boxes import box_iou
-from rgnn.proposals import (EdgeBoxes, ProposalParams, compute_orientation, edge_boxes, edge_nms,
+from rgnn.data.proposals import (EdgeBoxes, ProposalParams, compute_orientation, edge_boxes, edge_nms,
                             gradient_edges, proposal_recall)
 
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 70, 230), (240, 220, 40), (250, 250, 250), (15, 15, 15)]
@@ -255,7 +255,7 @@ def test_edge_model_path(forest, scenes):
 
 
 def test_recall_counts_by_area_bin_and_summary():
-    from rgnn.proposals import add_counts, recall_counts, recall_summary
+    from rgnn.data.proposals import add_counts, recall_counts, recall_summary
 
     gt = np.array([[0, 0, 10, 10], [0, 0, 60, 60], [50, 50, 100, 100]], np.float32)  # areas 1%, 36%, 25% of 100x100
     props = np.array([[0, 0, 60, 58], [0, 0, 10, 13], [60, 60, 100, 100]], np.float32)  # best first
@@ -286,8 +286,8 @@ def test_large_images_are_searched_at_a_bounded_size():
 def test_recall_metrics_are_valid_mlflow_names(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from rgnn.proposals import recall_counts, recall_summary
-    from rgnn.tracking import recall_metrics
+    from rgnn.data.proposals import recall_counts, recall_summary
+    from rgnn.tracking.runs import recall_metrics
 
     gt = np.array([[0, 0, 10, 10], [0, 0, 60, 60]], np.float32)
     metrics = recall_metrics("val2017", recall_summary(recall_counts(gt, gt, 100, 100, (1, 2))))

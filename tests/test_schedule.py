@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from rgnn.model import RGNN, ModelConfig
-from rgnn.schedule import LAMBDA_FAMILIES, STAGES, LambdaSchedule, lambda_at, set_trainable
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.train.schedule import LAMBDA_FAMILIES, STAGES, LambdaSchedule, lambda_at, set_trainable
 
 
 def test_stage_names():

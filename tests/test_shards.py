@@ -18,8 +18,8 @@ from rgnn.data import shards  # noqa: E402
 from rgnn.data.coco import read_coco  # noqa: E402
 from rgnn.data.records import LabeledSet  # noqa: E402
 from rgnn.data.transforms import InputConfig, Preprocess  # noqa: E402
-from rgnn.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from rgnn.proposals import ProposalParams  # noqa: E402
+from rgnn.nn.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from rgnn.data.proposals import ProposalParams  # noqa: E402
 from sharding.job import build_shards, plan_shards  # noqa: E402
 
 MAX_BOXES = 60

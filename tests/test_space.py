@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rgnn.config import parse_args
+from rgnn.train.config import parse_args
 from tune.space import load_space
 
 

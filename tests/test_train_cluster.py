@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 import services
 from rgnn.data.images import decode_image
-from rgnn.predict import Predictor
+from rgnn.infer.predict import Predictor
 
 pytestmark = pytest.mark.ray
 
@@ -154,7 +154,7 @@ def test_best_checkpoint_is_the_highest_val_map_among_the_kept():
 
 def test_scaling_gives_one_worker_per_gpu_unless_told():
     from cluster.driver import scaling
-    from rgnn.config import ClusterConfig
+    from rgnn.train.config import ClusterConfig
 
     assert scaling(ClusterConfig(), 0) == (2, 0.0)  # CPUs: 2 DDP workers
     assert scaling(ClusterConfig(), 8) == (8, 1.0)  # a multi-GPU node: one worker per GPU

@@ -1,4 +1,4 @@
-"""The training engine without Ray: rgnn.training.run_stages in one process, resuming, and the
+"""The training engine without Ray: rgnn.train.stages.run_stages in one process, resuming, and the
 bad inputs cluster/train_coco.py refuses before it starts a cluster."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 
 from cluster.data import prepare_shards
 from cluster.driver import fit
-from rgnn.checkpoint import save_checkpoint
-from rgnn.config import TrainConfig, resolve
+from rgnn.io.checkpoint import save_checkpoint
+from rgnn.train.config import TrainConfig, resolve
 from rgnn.data import shards
-from rgnn.model import RGNN, ModelConfig
-from rgnn.training import Hooks, TrainState, model_config, run_stages
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.train.stages import Hooks, TrainState, model_config, run_stages
 
 
 def tiny_cfg(shard_root, **kw) -> TrainConfig:
@@ -75,7 +75,7 @@ def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
 
 
 def test_a_loss_that_does_not_fall_is_named_loudly():
-    from rgnn.training import no_learning_warning, stalled
+    from rgnn.train.stages import no_learning_warning, stalled
 
     assert stalled(1.39, 1.38) and stalled(1.39, 1.45) and not stalled(1.39, 1.30)
     text = no_learning_warning("global", 1.38, 1.37, 1e-4, 400, "fine-tune")

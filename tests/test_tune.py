@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rgnn.config import parse_args
+from rgnn.train.config import parse_args
 
 pytestmark = pytest.mark.ray
 
@@ -110,7 +110,7 @@ def test_a_finished_trial_started_again_replays_its_reports_without_training(tmp
 
     from cluster.driver import RUN_ID_FILE
     from cluster.ray_setup import init_ray
-    from rgnn.tracking import start_run
+    from rgnn.tracking.runs import start_run
     from tune.search import replay_finished
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -22,10 +22,11 @@ from ray.tune.schedulers import ASHAScheduler
 from cluster.data import prepare_shards
 from cluster.driver import fit, mlflow_run_id, resolve_storage
 from cluster.ray_setup import init_ray
-from rgnn import storage
-from rgnn.config import TrainConfig, build_parser, config_from_args, redact, resolve
-from rgnn.storage import write_json
-from rgnn.tracking import parent_run, resolve_tracking_uri
+from rgnn.io import storage
+from rgnn.io.redaction import redact
+from rgnn.train.config import TrainConfig, build_parser, config_from_args, resolve
+from rgnn.io.storage import write_json
+from rgnn.tracking.runs import parent_run, resolve_tracking_uri
 from tune.plots import plot_trials
 from tune.space import apply, load_space, shares_stages, to_tune
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from rgnn.config import FLAT_NAMES, TrainConfig, resolve
-from rgnn.schedule import LAMBDA_FAMILIES, STAGES
+from rgnn.train.config import FLAT_NAMES, TrainConfig, resolve
+from rgnn.train.schedule import LAMBDA_FAMILIES, STAGES
 
 # Section 4.2 fixes lambda going "slowly" from 1 to 0 and one learning rate; these are the open choices.
 DEFAULT_SPACE = {
@@ -44,7 +44,7 @@ def load_space(path: str | Path | None, base: TrainConfig | None = None) -> dict
 
 def check_space(space: dict, where: str = "search space", base: TrainConfig | None = None) -> None:
     """Every key a setting, every distribution well formed, and (with `base`) every value one the
-    training accepts: each choice and each range's ends set on `base` and checked by rgnn.config."""
+    training accepts: each choice and each range's ends set on `base` and checked by rgnn.train.config."""
     known = set(FLAT_NAMES) | {f"lr_{s}" for s in STAGES}
     for key, spec in space.items():
         if key not in known:

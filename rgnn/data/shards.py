@@ -43,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from rgnn import storage
+from rgnn.io import storage
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord
 from rgnn.data.transforms import Batch, Preprocess, collate

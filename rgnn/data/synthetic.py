@@ -34,7 +34,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     """uint8 [size, size] mask of one shape filling its square.
 
     `SHAPES` and the clutter's "ellipse" and "ring" draw the built-in set; "star", "frame" and
-    "lshape" widen the label space of the pretraining crops (rgnn/pretrain.py).
+    "lshape" widen the label space of the pretraining crops (rgnn/train/pretrain.py).
     """
     m = np.zeros((size, size), np.uint8)
     s = size - 1

@@ -3,7 +3,7 @@
 Section 4.2: stages 2-4 see free-size images (Fast R-CNN's shorter side S, longer side capped),
 stage 1 sees size-normalised squares with no regions. The proposals (top T by score) and the
 ground-truth boxes are scaled with the image; the model appends the whole-image region itself.
-Normalisation uses the mean and std that travel with the model's config (rgnn.model.ModelConfig,
+Normalisation uses the mean and std that travel with the model's config (rgnn.nn.model.ModelConfig,
 as timm's pretrained cfg carries them).
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Preprocess:
 
     @classmethod
     def for_stage(cls, inputs: InputConfig, model_cfg, stage: str, augment: Augment | None = None) -> "Preprocess":
-        """The input of `stage` for a model whose config (rgnn.model.ModelConfig) holds mean/std."""
+        """The input of `stage` for a model whose config (rgnn.nn.model.ModelConfig) holds mean/std."""
         return cls(inputs, tuple(model_cfg.mean), tuple(model_cfg.std), whole_image=stage == "global",
                    augment=augment or Augment())
 

@@ -1,6 +1,6 @@
 """The per-class AP table of trained models, in the shape of the paper's Table 3.
 
-    python -m rgnn.evaluate --checkpoint A [--checkpoint B ...] (--coco-root DIR | --voc-root DIR | --shards DIR)
+    python -m rgnn.infer.evaluate --checkpoint A [--checkpoint B ...] (--coco-root DIR | --voc-root DIR | --shards DIR)
                             [--split NAME] [--edge-model FILE] [--markdown FILE] [--csv FILE]
 
 A row per checkpoint, a column per class, then mAP; below it CF1 and OF1 at threshold 0.5. The AP
@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from rgnn import storage
-from rgnn.checkpoint import check_classes
+from rgnn.io import storage
+from rgnn.io.checkpoint import check_classes
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
 from rgnn.data.records import LabeledSet
 from rgnn.data.voc import read_voc
-from rgnn.engine import collect_scores
+from rgnn.train.engine import collect_scores
 from rgnn.metrics import average_precision, mean_ap, multilabel_prf
-from rgnn.predict import Predictor
-from rgnn.proposals import EdgeBoxes
+from rgnn.infer.predict import Predictor
+from rgnn.data.proposals import EdgeBoxes
 from rgnn.tables import ap_table, to_csv, to_markdown
 
 RULES = {"voc07": "VOC 2007 11-point AP", "area": "AP = area under the precision-recall curve"}
@@ -92,7 +92,7 @@ def f1_lines(metrics: dict[str, dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    p = argparse.ArgumentParser(prog="python -m rgnn.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m rgnn.infer.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint folder or .pt (a path or s3:// URI), or an MLflow URI; repeat for more rows")

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from rgnn.data.transforms import Batch
-from rgnn.losses import (balanced_multilabel_loss, batch_targets, localization_loss, multitask_loss, object_regions,
+from rgnn.nn.losses import (balanced_multilabel_loss, batch_targets, localization_loss, multitask_loss, object_regions,
                          region_targets)
-from rgnn.model import RGNN, RGNNOutput
+from rgnn.nn.model import RGNN, RGNNOutput
 
 
 class StageModel(nn.Module):
@@ -53,7 +53,7 @@ class StageModel(nn.Module):
 
 def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_classes: int,
                  class_aware: bool = False) -> dict[str, torch.Tensor]:
-    """The loss of each stage (rgnn.schedule's table): eq. 6, eq. 7, or eq. 9 = eq. 6 + lambda eq. 7.
+    """The loss of each stage (rgnn.train.schedule's table): eq. 6, eq. 7, or eq. 9 = eq. 6 + lambda eq. 7.
 
     Args:
         class_aware: eq. 8's target of feature-level gates per class (see `losses.region_targets`).

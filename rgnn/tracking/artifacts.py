@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rgnn.checkpoint import save_checkpoint
-from rgnn.config import TrainConfig
+from rgnn.io.checkpoint import save_checkpoint
+from rgnn.train.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess, denormalize
-from rgnn.engine import StageModel
-from rgnn.model import RGNN
+from rgnn.train.engine import StageModel
+from rgnn.nn.model import RGNN
 from rgnn.tables import ap_table, to_csv, to_markdown
-from rgnn.tracking import RunLogger
-from rgnn.visualize import draw_gates, pr_curves, save_png
+from rgnn.tracking.runs import RunLogger
+from rgnn.infer.visualize import draw_gates, pr_curves, save_png
 
 GATE_PICTURES = 4
 
@@ -24,7 +24,7 @@ GATE_PICTURES = 4
 def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, class_names: list[str],
                         val_dir: Path, cfg: TrainConfig) -> None:
     """config.json, the per-class AP table (markdown, CSV), PR curves, gate pictures, the model (an MLflow
-    Model: rgnn.mlflow_model)."""
+    Model: rgnn.tracking.pyfunc)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "config.json").write_text(json.dumps(cfg.to_flat(redacted=True), indent=2))

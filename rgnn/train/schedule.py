@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from rgnn.model import RGNN
+from rgnn.nn.model import RGNN
 
 STAGES = ("global", "regional", "gates", "joint")
 LAMBDA_FAMILIES = ("constant", "linear", "cosine", "step", "exponential")
@@ -82,7 +82,7 @@ def lr_factor(progress: float, family: str = "constant", warmup: float = 0.0) ->
 class LambdaSchedule:
     """A named lambda family with its parameters; `schedule(progress)` -> lambda (see `lambda_at`).
 
-    `flat` names each field in flags, config files and MLflow params (rgnn.config).
+    `flat` names each field in flags, config files and MLflow params (rgnn.train.config).
     """
 
     family: str = field(default="linear", metadata={"flat": "lambda_schedule"})
@@ -112,4 +112,6 @@ def set_trainable(model: RGNN, stage: str) -> list[nn.Parameter]:
     model.requires_grad_(False)
     for module in train:
         module.requires_grad_(True)
+    for module in model.backbone.frozen:  # pretrained early layers that no stage trains
+        module.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]

@@ -2,9 +2,9 @@
 
     TrainConfig
       data:     DataConfig      where the images come from
-      model:    ModelConfig     what the RGNN is (rgnn.model; num_classes comes from the data)
+      model:    ModelConfig     what the RGNN is (rgnn.nn.model; num_classes comes from the data)
       input:    InputConfig     sizes and T (rgnn.data.transforms)
-      schedule: ScheduleConfig  the 4 stages, with lambda's LambdaSchedule (rgnn.schedule)
+      schedule: ScheduleConfig  the 4 stages, with lambda's LambdaSchedule (rgnn.train.schedule)
       cluster:  ClusterConfig   workers, storage, restarts
       tracking: TrackingConfig  MLflow
 
@@ -19,20 +19,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
-from rgnn.backbones import BACKBONES
+from rgnn.nn.backbones import BACKBONES
 from rgnn.data.transforms import PAPER_INPUT, Augment, InputConfig
-from rgnn.engine import MEMORY_FORMATS, PRECISIONS
-from rgnn.losses import GATE_TARGETS
-from rgnn.model import GATES, POOL_LAYERS, ModelConfig
-from rgnn.pooling import SCALES
-from rgnn.schedule import LAMBDA_FAMILIES, LR_SCHEDULES, STAGES, LambdaSchedule, lr_factor
+from rgnn.io.redaction import redact
+from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS
+from rgnn.nn.losses import GATE_TARGETS
+from rgnn.nn.model import GATES, POOL_LAYERS, ModelConfig
+from rgnn.nn.pooling import SCALES
+from rgnn.train.schedule import LAMBDA_FAMILIES, LR_SCHEDULES, STAGES, LambdaSchedule, lr_factor
 
 DATA_SETS = ("coco", "voc", "shards", "synthetic")
 
@@ -72,14 +71,14 @@ class ScheduleConfig:
     oracle_gates: bool = False  # a diagnostic: region gates fixed to eq. 8's target (uses the ground truth)
     batch_size: int | None = None
     # beside the paper's recipe (Adam at one rate per stage), off by default
-    lr_schedule: str = "constant"  # the rate through each stage (rgnn.schedule.lr_factor)
+    lr_schedule: str = "constant"  # the rate through each stage (rgnn.train.schedule.lr_factor)
     warmup: float = 0.0  # fraction of each stage that warms the rate up
     weight_decay: float = 0.0  # > 0: AdamW with this decoupled weight decay
     clip_norm: float | None = None  # the gradients' global norm is clipped to this
     accumulate: int = 1  # batches per update (an effective batch of accumulate x batch_size x workers)
-    ema: float = 0.0  # > 0: the decay of an EMA of the weights, evaluated beside them (rgnn.ema)
-    precision: str = "auto"  # the training forward's autocast: bf16 on GPUs, fp32 elsewhere (rgnn.engine)
-    memory_format: str = "channels_last"  # the convolutions' layout (rgnn.engine.memory_format)
+    ema: float = 0.0  # > 0: the decay of an EMA of the weights, evaluated beside them (rgnn.train.ema)
+    precision: str = "auto"  # the training forward's autocast: bf16 on GPUs, fp32 elsewhere (rgnn.train.engine)
+    memory_format: str = "channels_last"  # the convolutions' layout (rgnn.train.engine.memory_format)
     eval_every_epoch: bool = False
     seed: int = 0
 
@@ -172,30 +171,6 @@ class TrainConfig:
     def copy(self, **changes) -> "TrainConfig":
         """A deep copy with flat-named changes."""
         return TrainConfig.from_flat({**self.to_flat(), **changes})
-
-
-SECRET_KEYS = re.compile(r"pass|secret|token|key|sig|cred|auth", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """A URI with its user info and secret-looking query values (password, token, signature, key, ...)
-    replaced by ***: `s3://KEY:SECRET@host/b` -> `s3://***@host/b`. Anything else is returned as it is."""
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        query = urlencode([(k, "***" if SECRET_KEYS.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)],
-                          safe="*")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return text  # nothing secret (urlunsplit would also rewrite sqlite:////abs as sqlite://abs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _plain(value):
@@ -381,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scales", type=int, choices=SCALES, help="cross-region max pooling scales (default 5)")
     m.add_argument("--pool-layer", choices=POOL_LAYERS, help="layer that is gated and pooled (default softmax)")
     m.add_argument("--weights", help="'imagenet' (torchvision's file in the local torch cache), 'standin' (the small CNN "
-                                     "pretrained by python -m rgnn.pretrain, built on first use), 'none' (random init) or "
+                                     "pretrained by python -m rgnn.train.pretrain, built on first use), 'none' (random init) or "
                                      "a .pth path; default: standin for the small CNN, imagenet for vgg16/resnet50")
     m.add_argument("--recipe", choices=tuple(LR_PER_IMAGE),
                    help="the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per 16 "

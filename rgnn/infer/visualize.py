@@ -1,8 +1,8 @@
 """Pictures: the paper's Figure 3 (gated regions and the gate heat-map) and precision-recall curves.
 
-    python -m rgnn.visualize --checkpoint PATH_OR_URI IMAGE --out fig.png [--class NAME] [--edge-model FILE]
+    python -m rgnn.infer.visualize --checkpoint PATH_OR_URI IMAGE --out fig.png [--class NAME] [--edge-model FILE]
 
-draws Figure 3 for one image at its own size, through rgnn.predict's `Predictor` (the proposals and
+draws Figure 3 for one image at its own size, through rgnn.infer.predict's `Predictor` (the proposals and
 input size of the model's training).
 """
 from __future__ import annotations
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> Path:
     import sys
 
     from rgnn.data.images import decode_image
-    from rgnn.predict import Predictor
+    from rgnn.infer.predict import Predictor
 
-    p = argparse.ArgumentParser(prog="python -m rgnn.visualize",
+    p = argparse.ArgumentParser(prog="python -m rgnn.infer.visualize",
                                 description="The paper's Figure 3 for one image: the top-5 gated regions in "
                                             "red, the bottom-5 in green, over the heat-map of gate values.")
     p.add_argument("image", help="the image (JPEG, PNG, ...)")

@@ -1,9 +1,9 @@
 """Labels, class scores and the most-gated regions of images, from a trained RGNN.
 
-    python -m rgnn.predict --checkpoint PATH_OR_URI IMAGE_OR_DIR... [--out preds.json] [--threshold 0.5]
+    python -m rgnn.infer.predict --checkpoint PATH_OR_URI IMAGE_OR_DIR... [--out preds.json] [--threshold 0.5]
                            [--edge-model FILE] [--batch-size N] [--image-size S] [--max-regions T]
 
-The checkpoint is a folder or `checkpoint.pt` written by cluster/ (or rgnn.training), local or on an
+The checkpoint is a folder or `checkpoint.pt` written by cluster/ (or rgnn.train.stages), local or on an
 object store (`s3://bucket/.../checkpoint.pt`, downloaded into ~/.cache/rgnn), or an MLflow model URI
 such as `runs:/<run id>/model`. Each image gets its EdgeBoxes proposals (section 3, with
 the training config's edge model unless --edge-model names one), is resized as in training (the
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rgnn.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint
+from rgnn.io.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from rgnn.data.images import decode_image
 from rgnn.data.transforms import PAPER_INPUT, InputConfig, Preprocess, pad_images
-from rgnn.engine import StageModel, memory_format
-from rgnn.model import RGNN
-from rgnn.proposals import EdgeBoxes, ProposalParams
-from rgnn.storage import write_json
+from rgnn.train.engine import StageModel, memory_format
+from rgnn.nn.model import RGNN
+from rgnn.data.proposals import EdgeBoxes, ProposalParams
+from rgnn.io.storage import write_json
 
 TOP_REGIONS = 5
 
@@ -76,7 +76,7 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str | Path, edge_model: str | None = None, **overrides) -> "Predictor":
-        """From a checkpoint (path, object-store or MLflow URI: rgnn.checkpoint.resolve_checkpoint); `overrides`
+        """From a checkpoint (path, object-store or MLflow URI: rgnn.io.checkpoint.resolve_checkpoint); `overrides`
         (image_size, max_regions, ...) win over the config saved beside it; without a saved config, the
         paper's input (PAPER_INPUT)."""
         file = resolve_checkpoint(checkpoint)
@@ -238,7 +238,7 @@ def predict_files(predictor: Predictor, inputs: list[str], threshold: float = 0.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m rgnn.predict", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m rgnn.infer.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     p.add_argument("--checkpoint", required=True,

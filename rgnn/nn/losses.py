@@ -1,7 +1,7 @@
 """Losses of section 3.3: balanced multi-label (eq. 6), localization (eqs. 7-8), multi-task (eq. 9).
 
 The model returns logits and gates; these functions turn them into the scalars each stage
-minimises (rgnn.schedule's table). Half-precision inputs (autocast) are computed in float32.
+minimises (rgnn.train.schedule's table). Half-precision inputs (autocast) are computed in float32.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from rgnn.model import RGNNOutput
+from rgnn.nn.model import RGNNOutput
 
 # eq. 8's target of a feature-level gate: the region's (the paper's bold 1/0) or per class (ours)
 GATE_TARGETS = ("region", "class")

@@ -15,16 +15,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rgnn.config import TrainConfig
+from rgnn.train.config import TrainConfig
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
-from rgnn.ema import EMA
-from rgnn.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, memory_format,
+from rgnn.train.ema import EMA
+from rgnn.train.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, memory_format,
                          stage_progress, train_one_epoch)
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
-from rgnn.model import RGNN, ModelConfig
-from rgnn.pretrain import pretrained_weights
-from rgnn.schedule import STAGES, lr_factor, set_trainable
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.train.pretrain import pretrained_weights
+from rgnn.train.schedule import STAGES, lr_factor, set_trainable
 
 log = logging.getLogger(__name__)
 MIN_DROP = 0.02  # a first epoch whose loss falls by less than this (relative) has not learned
@@ -39,7 +39,7 @@ class TrainState:
     global_step: int = 0
     maps: dict[str, float] = field(default_factory=dict)
     optimizer: dict | None = None
-    ema: dict | None = None  # the stage's EMA of the weights (rgnn.ema), with --ema
+    ema: dict | None = None  # the stage's EMA of the weights (rgnn.train.ema), with --ema
     last_map: float = float("nan")
 
     def to_dict(self) -> dict:
@@ -81,7 +81,7 @@ def no_learning_warning(stage: str, before: float, after: float, lr: float, imag
 
 def model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
     """The training config's model with the data's class count and its weights as the model takes
-    them: "none" is random init, "standin" the file of rgnn.pretrain (built here if missing)."""
+    them: "none" is random init, "standin" the file of rgnn.train.pretrain (built here if missing)."""
     weights = {"none": None}.get(cfg.model.weights, cfg.model.weights)
     if weights == "standin":
         weights = str(pretrained_weights(cfg.data.cache_dir, progress=False))

@@ -14,7 +14,7 @@ features. fc6 and fc7 follow a ReLU, softmax is positive; for `fc8` the pooled f
 max(fc8, 0): a raw logit that is negative would be *raised* towards 0 by a closing gate and beaten
 by an empty bin. The classifier of the global path (stage 1) uses the raw fc8 logits.
 
-The model returns logits and gate values; losses live in rgnn.losses.
+The model returns logits and gate values; losses live in rgnn.nn.losses.
 """
 from __future__ import annotations
 
@@ -24,16 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgnn.backbones import BACKBONES, build_backbone, xavier_linear
+from rgnn.nn.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, xavier_linear
 from rgnn.boxes import box_area
-from rgnn.gates import FeatureGate, RegionGate, apply_gate
-from rgnn.pooling import SCALES, CrossRegionMaxPool
+from rgnn.nn.gates import FeatureGate, RegionGate, apply_gate
+from rgnn.nn.pooling import SCALES, CrossRegionMaxPool
 
 GATES = ("none", "region", "feature")
 POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")
-# the input statistics of torchvision's ImageNet backbones (and of ours, trained on that scale)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -42,16 +39,18 @@ class ModelConfig:
 
     Attributes:
         num_classes: C (None in a training config until the data is known).
-        backbone: "vgg16" (the paper's), "resnet50" or "small" (CPU tests and the demo).
+        backbone: "vgg16" (the paper's), "resnet50", "efficientnet_lite0" (ImageNet weights offline, the
+            photo job) or "small" (CPU tests and the built-in demo).
         gate: "none" (gates fixed at 1), "region" (eq. 2) or "feature" (eq. 4).
         scales: 5 area bins or 1 (section 3.2).
         pool_layer: the layer that is gated and pooled: "fc6", "fc7", "fc8" or "softmax" (of fc8).
         hidden: width of the classifier's first FC layer (scales * D -> hidden -> C).
-        weights: None (random init), "imagenet" (torchvision's file in the local torch hub cache),
-            or the path of a backbone state_dict (see rgnn.backbones).
+        weights: None (random init), "imagenet" (rgnn.nn.backbones.imagenet_file), or the path of a
+            backbone state_dict (see rgnn.nn.backbones).
         dropout: after fc6, fc7 and the classifier's hidden layer.
         mean, std: the per-channel input normalisation the backbone's weights expect (images in
-            [0, 1]); they travel with the model so that prediction normalises as training did.
+            [0, 1]; rgnn.nn.backbones.normalisation); they travel with the model so that prediction
+            normalises as training did.
     """
 
     num_classes: int | None = None
@@ -166,7 +165,7 @@ class RGNN(nn.Module):
             open_gates: as `forward`'s argument.
 
         The regional path skips fc8 when fc6/fc7 is pooled, and fc7 when fc6 is pooled and no gate
-        reads it; rgnn.schedule trains only what runs (every trainable parameter gets a gradient).
+        reads it; rgnn.train.schedule trains only what runs (every trainable parameter gets a gradient).
         """
         b = self.backbone
         if not regions:

@@ -1,7 +1,7 @@
 """An ImageNet stand-in for the built-in synthetic set: the `small` backbone pretrained as a plain
 image classifier on a wider, disjoint synthetic distribution.
 
-    python -m rgnn.pretrain [--cache-dir ~/.cache/rgnn] [--seed 0] [--crops N] [--epochs E]
+    python -m rgnn.train.pretrain [--cache-dir ~/.cache/rgnn] [--seed 0] [--crops N] [--epochs E]
                             [--tracking-uri URI] [--force]
 
 Why: the paper (section 4.2) starts every stage from an ImageNet-pretrained VGG-16, so its region
@@ -30,7 +30,7 @@ period on the input is its painted period x0.72-1.43: 3-pixel stripes span 2.2-4
 
 The model is `build_backbone("small")` (trunk -> global pooling -> fc6 -> fc7, the stage-1 path)
 plus a linear head over `LABELS`, trained with Adam and cross-entropy on inputs standardised as
-the RGNN's (`rgnn.model.IMAGENET_MEAN` / `IMAGENET_STD`). Only the backbone is kept: its
+the RGNN's (`rgnn.nn.model.IMAGENET_MEAN` / `IMAGENET_STD`). Only the backbone is kept: its
 `state_dict()` (keys `trunk.*`, `fc6.*`, `fc7.*`) is what `build_backbone("small", weights=PATH)`
 and the training's `--weights PATH` load; the head, like ImageNet's fc8, is dropped.
 
@@ -61,10 +61,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rgnn.backbones import Backbone, build_backbone, xavier_linear
+from rgnn.nn.backbones import Backbone, build_backbone, xavier_linear
 from rgnn.data import synthetic
-from rgnn.model import IMAGENET_MEAN, IMAGENET_STD
-from rgnn.storage import atomic_write, write_text
+from rgnn.nn.backbones import IMAGENET_MEAN, IMAGENET_STD
+from rgnn.io.storage import atomic_write, write_text
 
 # Bump when the crops or the training change meaning: it is part of the cache file's hash.
 VERSION = 1
@@ -313,7 +313,7 @@ def log_run(uri: str, settings: PretrainSettings, path: Path) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from rgnn.tracking import artifact_root, check_reachable, resolve_tracking_uri
+    from rgnn.tracking.runs import artifact_root, check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(uri)
     check_reachable(uri)
@@ -338,7 +338,7 @@ def log_run(uri: str, settings: PretrainSettings, path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     d = PretrainSettings()
-    p = argparse.ArgumentParser(prog="python -m rgnn.pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rgnn.train.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache-dir", default="~/.cache/rgnn",
                    help="the weights go to CACHE_DIR/pretrained/small-<hash>.pt (default ~/.cache/rgnn)")
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> Path:
         p.error(str(e))
     uri = a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:  # an HTTP server that does not answer fails now, not after the training
-        from rgnn.tracking import check_reachable
+        from rgnn.tracking.runs import check_reachable
 
         check_reachable(uri)
     path = weights_path(a.cache_dir, settings)

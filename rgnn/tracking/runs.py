@@ -1,6 +1,6 @@
 """MLflow at the edge: resolve and check the tracking store, one run per training, rank-0 logging,
 parent runs of a search or an ablation. The training engine never imports this module: its
-callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.training.Hooks."""
+callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.train.stages.Hooks."""
 from __future__ import annotations
 
 import getpass
@@ -20,7 +20,7 @@ import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from rgnn.config import redact
+from rgnn.io.redaction import redact
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -216,14 +216,14 @@ class RunLogger:
         self.client.set_tag(self.run_id, key, str(value))
 
     def model(self, checkpoint_folder: str | Path, class_names: list[str], example_image: bytes) -> str:
-        """Log a checkpoint folder as the run's MLflow Model `model` (rgnn.mlflow_model, with `example_image`
+        """Log a checkpoint folder as the run's MLflow Model `model` (rgnn.tracking.pyfunc, with `example_image`
         as its input example); returns the model URI, also kept in the run's `model_uri` tag."""
-        from rgnn import mlflow_model  # torch and the model: only in the process that logs one
+        from rgnn.tracking import pyfunc  # torch and the model: only in the process that logs one
 
         with fluent_tracking_uri(self.uri):
             mlflow.start_run(run_id=self.run_id)  # log_model logs into the active run
             try:
-                uri = mlflow_model.log_model(checkpoint_folder, class_names, example_image)
+                uri = pyfunc.log_model(checkpoint_folder, class_names, example_image)
             finally:
                 # Leaving the fluent run must not end the training's run: `with mlflow.start_run()` would
                 # mark it FINISHED here, in the worker, while the driver is still training (and a search

@@ -2,12 +2,12 @@
 
 Input: a DataFrame with a string column `image`, each cell an image file's bytes (JPEG, PNG, ...)
 base64-encoded. Output: a DataFrame with one column per class name (sigmoid scores) and one row per
-input image. EdgeBoxes runs inside (rgnn.predict.Predictor), with the settings of the training.
+input image. EdgeBoxes runs inside (rgnn.infer.predict.Predictor), with the settings of the training.
 
 The model is logged "from code" (MLflow's models-from-code): the model's definition is this file,
 saved as text beside the weights, not a pickle; the weights are the training's checkpoint folder
-(checkpoint.pt + config.json), which rgnn's own loader reads with `weights_only` (rgnn.checkpoint).
-`rgnn.predict --checkpoint models:/NAME/VERSION` uses that loader and runs nothing from the model
+(checkpoint.pt + config.json), which rgnn's own loader reads with `weights_only` (rgnn.io.checkpoint).
+`rgnn.infer.predict --checkpoint models:/NAME/VERSION` uses that loader and runs nothing from the model
 folder; `mlflow models serve` / `mlflow.pyfunc.load_model` run this file (MLflow's contract), so
 serve only models from a registry you trust.
 """
@@ -23,9 +23,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from rgnn.checkpoint import MODEL_ARTIFACT
+from rgnn.io.checkpoint import MODEL_ARTIFACT
 from rgnn.data.images import decode_image
-from rgnn.predict import Predictor
+from rgnn.infer.predict import Predictor
 
 IMAGE_COLUMN = "image"
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow", "opencv-contrib-python-headless", "mlflow")

@@ -3,7 +3,7 @@
 A checkpoint is a folder with `checkpoint.pt` (model state, class names, model config, and for
 training: optimiser, stage, epoch, lambda state, mAPs so far) and `config.json` (the resolved
 training config as flat settings, readable without torch). The folder is a local path or an
-object-store URI (rgnn.storage); files are written whole or not at all (rgnn.storage.atomic_write).
+object-store URI (rgnn.io.storage); files are written whole or not at all (rgnn.io.storage.atomic_write).
 
 A checkpoint is untrusted input (it may come from shared storage, an object store or an MLflow server): it is
 loaded with `weights_only=True`, so a pickle that would run code is refused, never executed.
@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from rgnn import storage
-from rgnn.model import RGNN, ModelConfig
-from rgnn.storage import atomic_write, write_json
+from rgnn.io import storage
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.io.storage import atomic_write, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
-MODEL_ARTIFACT = "checkpoint"  # in an MLflow Model (rgnn.mlflow_model): the pyfunc artifact holding the folder
+MODEL_ARTIFACT = "checkpoint"  # in an MLflow Model (rgnn.tracking.pyfunc): the pyfunc artifact holding the folder
 CACHE = Path.home() / ".cache" / "rgnn"  # where checkpoints named by a URI are downloaded
 MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint.pt downloaded from an object store (VGG-16 + Adam state: ~1.7 GB)
 MAX_CONFIG_BYTES = 16 << 20
@@ -48,7 +48,7 @@ def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], con
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, its checkpoint.pt, an object-store URI of either (`s3://bucket/run/checkpoint_000003`),
-    or an MLflow URI (`models:/<name>/<version>`, `runs:/<id>/model`: an MLflow Model of rgnn.mlflow_model,
+    or an MLflow URI (`models:/<name>/<version>`, `runs:/<id>/model`: an MLflow Model of rgnn.tracking.pyfunc,
     or a checkpoint folder logged as artifacts) -> the local .pt file.
 
     A URI is downloaded into one folder per URI under ~/.cache/rgnn (`mlflow/`, `remote/`), so repeated
@@ -106,7 +106,7 @@ def _fetch_checkpoint(uri: str) -> Path:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint {e}") from None
     config = storage.join(storage.parent(file), CONFIG_FILE)
-    if storage.isfile(config):  # the training's input settings, read by rgnn.predict
+    if storage.isfile(config):  # the training's input settings, read by rgnn.infer.predict
         storage.fetch(config, dst / CONFIG_FILE, MAX_CONFIG_BYTES)
     else:
         (dst / CONFIG_FILE).unlink(missing_ok=True)

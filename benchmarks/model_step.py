@@ -27,8 +27,8 @@ NUM_CLASSES = 20  # VOC
 TARGET_RATIO = 1.5  # issue 3: RGNN step <= 1.5x global step at T = 200
 # per backbone: (batch, height, width) -- the demo's regional input for small, a Fast R-CNN-like
 # free-size input for VGG-16 (the paper's images are ~500x375 and Fast R-CNN resizes to 600)
-SETTINGS = {"small": (8, 192, 256), "vgg16": (2, 480, 640), "resnet50": (2, 480, 640)}
-QUICK = {"small": (8, 192, 256), "vgg16": (1, 384, 512), "resnet50": (1, 384, 512)}
+SETTINGS = {"small": (8, 192, 256), "vgg16": (2, 480, 640), "resnet50": (2, 480, 640), "efficientnet_lite0": (8, 288, 384)}
+QUICK = {"small": (8, 192, 256), "vgg16": (1, 384, 512), "resnet50": (1, 384, 512), "efficientnet_lite0": (4, 224, 288)}
 
 
 def random_boxes(T: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
@@ -111,7 +111,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbones", default="small,vgg16", help="comma-separated: small, vgg16, resnet50")
+    p.add_argument("--backbones", default="small,vgg16", help="comma-separated: small, vgg16, resnet50, efficientnet_lite0")
     p.add_argument("--regions", type=_ints, default=[50, 200, 1000], help="T values, comma-separated")
     p.add_argument("--iters", type=int, default=None,
                    help="timed steps of each kind per setting; the fastest counts (default 5, quick 3)")

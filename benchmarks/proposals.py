@@ -31,7 +31,7 @@ import numpy as np
 
 from report import RESULTS, write_result
 from rgnn.data.records import ImageRecord, LabeledSet
-from rgnn.data.synthetic import CATEGORY_IDS, CLASS_NAMES, make_image
+from rgnn.data.synthetic import CLASS_NAMES, category_id, make_image
 from rgnn.data.proposals import EdgeBoxes, ProposalParams, proposal_recall
 
 TARGET_IMAGES_PER_S = 10.0  # issue 4, per core at 500x375
@@ -129,7 +129,7 @@ def shard_job_set(folder: Path, n: int, size: tuple[int, int], seed: int = 0) ->
         cv2.imwrite(str(path), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
         records.append(ImageRecord(i, str(path), size[0], size[1], [], gt,
                                    np.zeros(len(gt), np.int64), np.zeros(len(gt), bool)))
-    return LabeledSet("bench/train", list(CLASS_NAMES), records, list(CATEGORY_IDS))
+    return LabeledSet("bench/train", list(CLASS_NAMES), records, [category_id(c) for c in range(len(CLASS_NAMES))])
 
 
 def bench_shard_job(n_images: int = 384, size: tuple[int, int] = (500, 375), actor_counts: tuple[int, ...] = (1, 2),

@@ -1,5 +1,5 @@
-"""Where a training's shards come from: --shards, --coco-root / --voc-root (built if missing), or the
-built-in synthetic set generated into the cache folder."""
+"""Where a training's shards come from: --shards, --coco-root / --voc-root (built if missing), or a
+generated set (the built-in synthetic one, or --photos) written into the cache folder."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ from rgnn.io import storage
 from rgnn.train.config import DataConfig
 from rgnn.data import shards
 from rgnn.data.coco import read_coco
-from rgnn.data.synthetic import generate
+from rgnn.data import photos, synthetic
 from rgnn.data.transforms import InputConfig
 from rgnn.data.voc import read_voc
 from rgnn.data.proposals import ProposalParams
@@ -48,10 +48,14 @@ def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0,
 
         def read(split):
             return read_coco(src, split) if cfg.coco_root else read_voc(src, split)
-    else:
-        src = cache / f"synthetic-{cfg.synthetic_train}-{cfg.synthetic_val}-seed{seed}"
+    else:  # a generated set: the built-in synthetic one, or the photographs
+        name = f"photos-{cfg.photos}" if cfg.photos else "synthetic"
+        src = cache / f"{name}-{cfg.synthetic_train}-{cfg.synthetic_val}-seed{seed}"
         if not (src / "annotations" / "instances_val2017.json").is_file():
-            generate(src, cfg.synthetic_train, cfg.synthetic_val, seed)
+            if cfg.photos:
+                photos.generate(src, cfg.synthetic_train, cfg.synthetic_val, seed, cfg.photos)
+            else:
+                synthetic.generate(src, cfg.synthetic_train, cfg.synthetic_val, seed)
         key = src.name
 
         def read(split):

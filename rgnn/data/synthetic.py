@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from rgnn.io.storage import write_text
+
 SHAPES = ("disc", "square", "triangle", "diamond", "cross")
 PATTERNS = ("hstripes", "vstripes")
 CLASS_NAMES = [f"{s}-{p}" for s in SHAPES for p in PATTERNS]
-# Sparse, COCO-like category ids (COCO's run 1..90 with gaps) so the id -> index mapping is used.
-CATEGORY_IDS = [3 * i + 2 for i in range(len(CLASS_NAMES))]
 STRIPE_PERIOD = 3
 SPLITS = {"train2017": 1, "val2017": 2}
 
@@ -211,8 +210,11 @@ def make_glyph_image(rng: np.random.Generator):
 VARIANTS = {"shapes": (make_image, CLASS_NAMES), "glyphs": (make_glyph_image, list(GLYPHS))}
 
 
-def _write_split(out: Path, split: str, n: int, seed: int, variant: str = "shapes") -> None:
-    make, class_names = VARIANTS[variant]
+def write_split(out: Path, split: str, n: int, seed: int, make, class_names: list[str], description: str,
+                supercategory: str) -> None:
+    """Write `n` images of `make(rng) -> (RGB uint8 image, [(class index, [x1, y1, x2, y2]), ...])` and
+    their COCO annotation file, out/<split>/ and out/annotations/instances_<split>.json. Image i draws
+    from its own generator, seeded (seed, split, i): the same seed gives the same files."""
     (out / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
@@ -227,20 +229,22 @@ def _write_split(out: Path, split: str, n: int, seed: int, variant: str = "shape
         images.append({"id": image_id, "file_name": name, "width": w, "height": h})
         for c, (x1, y1, x2, y2) in objects:
             annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": CATEGORY_IDS[c],
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id(c),
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
             })
     doc = {
-        "info": {"description": f"RGNN built-in synthetic set ({variant}), seed {seed}"},
+        "info": {"description": description},
         "images": images, "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": variant}
-                       for cid, name in zip(CATEGORY_IDS, class_names)],
+        "categories": [{"id": category_id(c), "name": name, "supercategory": supercategory}
+                       for c, name in enumerate(class_names)],
     }
-    ann = out / "annotations" / f"instances_{split}.json"
-    ann.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ann.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, ann)  # the annotation file appears last and whole: its presence marks a done split
+    # the annotation file appears last and whole: its presence marks a done split
+    write_text(out / "annotations" / f"instances_{split}.json", json.dumps(doc))
+
+
+def category_id(c: int) -> int:
+    """Sparse, COCO-like category ids (COCO's run 1..90 with gaps), so the id -> index mapping is used."""
+    return 3 * c + 2
 
 
 def generate(out_dir: str | Path, train: int = 200, val: int = 50, seed: int = 0, variant: str = "shapes") -> Path:
@@ -251,8 +255,10 @@ def generate(out_dir: str | Path, train: int = 200, val: int = 50, seed: int = 0
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {tuple(VARIANTS)}")
     out = Path(out_dir)
+    make, class_names = VARIANTS[variant]
     for split, n in (("train2017", train), ("val2017", val)):
-        _write_split(out, split, n, seed, variant)
+        write_split(out, split, n, seed, make, class_names, f"RGNN built-in synthetic set ({variant}), seed {seed}",
+                    variant)
     return out
 
 

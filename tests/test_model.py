@@ -308,20 +308,6 @@ def test_state_dict_keys_are_stable():
     assert none.gate_parameters() == []
 
 
-def test_missing_imagenet_weights_name_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    folder = tmp_path / "hub" / "checkpoints"
-    for name, file in [("vgg16", "vgg16-397923af.pth"), ("resnet50", "resnet50-11ad3fa6.pth")]:
-        with pytest.raises(FileNotFoundError) as e:
-            RGNN(ModelConfig(num_classes=C, backbone=name, weights="imagenet"))
-        msg = str(e.value)
-        assert file in msg and str(folder) in msg and f"https://download.pytorch.org/models/{file}" in msg
-    with pytest.raises(ValueError, match="small"):
-        build_backbone("small", "imagenet")
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        build_backbone("small", str(tmp_path / "nowhere.pth"))
-
-
 def test_imagenet_weights_load_from_the_torch_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     folder = tmp_path / "hub" / "checkpoints"

@@ -18,9 +18,16 @@ from tune.space import load_space
     ({"gate": {"grid": ["region", "lstm"]}}, "gate = 'lstm'"),
     ({"lr_joint": {"choice": [-1.0]}}, "lr_joint = -1.0"),
     ({"epochs": [1, 2]}, "epochs = \\[1, 2\\]"),
-    ({"max_regions": {"choice": ["many"]}}, "max_regions = 'many'"),
+    ({"max_regions": {"choice": ["many"]}}, "max_regions is an integer setting, got 'many'"),
     ({"lr_warp": {"choice": [1]}}, "unknown setting 'lr_warp'"),
     ({"lambda_start": {"normal": [0, 1]}}, "loguniform/uniform/choice/grid"),
+    # a trial's name, storage or tracking would make every trial share one run folder and replay its metrics
+    ({"name": "same", "lr_joint": {"grid": [1e-4, 1e-2]}}, "'name' is not a trainable setting"),
+    ({"storage": {"choice": ["/tmp/a", "/tmp/b"]}}, "'storage' is not a trainable setting"),
+    ({"tracking_uri": "sqlite:///x.db"}, "'tracking_uri' is not a trainable setting"),
+    ({"resume": True}, "'resume' is not a trainable setting"),
+    ({"max_regions": {"uniform": [16, 64]}}, "max_regions is an integer setting"),
+    ({"batch_size": {"choice": [2, 2.5]}}, "batch_size is an integer setting, got 2.5"),
 ])
 def test_bad_spaces_are_refused_naming_the_setting(tmp_path, space, match):
     path = tmp_path / "space.json"

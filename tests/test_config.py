@@ -144,3 +144,23 @@ def test_bad_flag_values_are_argparse_errors_naming_the_flag(flag, value, capsys
     with pytest.raises(SystemExit) as e:
         parse_args([flag, value])
     assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_storage_errors_never_show_a_uris_credentials():
+    """What a store raises about s3://KEY:SECRET@bucket/... (botocore names `KEY:SECRET@bucket` bare)."""
+    from rgnn.io import storage
+    from rgnn.io.redaction import scrub
+
+    uri = "s3://AKIDEXAMPLE:wJalrSECRET@bucket/shards/train2017"
+    cases = [FileNotFoundError(f"no such key {uri}"), PermissionError("denied: AKIDEXAMPLE:wJalrSECRET@bucket"),
+             RuntimeError("Invalid bucket name AKIDEXAMPLE:wJalrSECRET@bucket: ...")]
+    for raised in cases:
+        with pytest.raises((FileNotFoundError, PermissionError, OSError)) as e:
+            with storage.errors(uri):
+                raise raised
+        assert "wJalrSECRET" not in str(e.value) and "AKIDEXAMPLE" not in str(e.value)
+        assert "bucket" in str(e.value)
+    assert scrub("at http://u:p@host:5000/x and u:p@host", "http://u:p@host:5000") == "at http://***@host:5000/x and ***@host"
+    with pytest.raises(RuntimeError, match="no credentials here"):  # nothing secret: the error as it was
+        with storage.errors("s3://bucket/x"):
+            raise RuntimeError("no credentials here")

@@ -27,3 +27,16 @@ def redact(text: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return text  # nothing secret (urlunsplit would also rewrite sqlite:////abs as sqlite://abs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def scrub(text: str, *uris: str) -> str:
+    """Free text (an error message) with credentials removed: every `scheme://user:secret@` user info, and
+    the user info of each of `uris` wherever it appears (some libraries name `KEY:SECRET@bucket` bare)."""
+    for uri in uris:
+        netloc = urlsplit(str(uri)).netloc if "://" in str(uri) else ""
+        if "@" in netloc:
+            text = text.replace(netloc.rsplit("@", 1)[0] + "@", "***@")
+    return USERINFO.sub("***@", text)

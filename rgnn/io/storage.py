@@ -33,6 +33,8 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from rgnn.io.redaction import USERINFO, redact, scrub
+
 BLOCK = 1 << 20  # bytes per read when streaming a copy
 TMP_SUFFIX = ".tmp"  # local temporary files are `.<name>.<random>.tmp` beside their target
 
@@ -79,22 +81,25 @@ def errors(path: str | Path) -> Iterator[None]:
         ConnectionError: the store's endpoint does not answer.
         ImportError: the URI's fsspec package (s3fs for s3://) is not installed.
     """
+    shown = redact(str(path))  # never the credentials of a URI's user info
     try:
         yield
     except FileNotFoundError as e:
-        bucket = f" (no bucket {urlparse(str(path)).netloc!r})" if is_uri(path) and "bucket" in str(e).lower() else ""
-        raise FileNotFoundError(f"not found: {path}{bucket}") from None
+        bucket = f" (no bucket {urlparse(shown).netloc!r})" if is_uri(path) and "bucket" in str(e).lower() else ""
+        raise FileNotFoundError(f"not found: {shown}{bucket}") from None
     except PermissionError as e:
-        raise PermissionError(f"access denied to {path}: {e}") from None
+        raise PermissionError(f"access denied to {shown}: {scrub(str(e), str(path))}") from None
     except ImportError as e:
-        raise ImportError(f"{path}: {e} (for s3:// URIs: pip install -e '.[s3]')") from None
+        raise ImportError(f"{shown}: {e} (for s3:// URIs: pip install -e '.[s3]')") from None
     except Exception as e:
         if _botocore_error(e, "NoCredentialsError", "PartialCredentialsError"):
-            raise PermissionError(f"no credentials for {path}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                                  f"(or AWS_PROFILE) ({e})") from None
+            raise PermissionError(f"no credentials for {shown}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                                  f"(or AWS_PROFILE) ({scrub(str(e), str(path))})") from None
         if _botocore_error(e, "EndpointConnectionError", "ConnectTimeoutError"):
-            raise ConnectionError(f"cannot reach the object store of {path} (AWS_ENDPOINT_URL="
-                                  f"{os.environ.get('AWS_ENDPOINT_URL', 'unset')}): {e}") from None
+            raise ConnectionError(f"cannot reach the object store of {shown} (AWS_ENDPOINT_URL="
+                                  f"{redact(os.environ.get('AWS_ENDPOINT_URL', 'unset'))}): {scrub(str(e), str(path))}") from None
+        if redact(str(path)) != str(path) or USERINFO.search(str(e)):  # the store's own message may name them
+            raise OSError(f"{shown}: {type(e).__name__}: {scrub(str(e), str(path))}") from None
         raise
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from rgnn.io.storage import atomic_write, write_json, write_text
 from rgnn.tables import ap_table, to_markdown
 from rgnn.tracking.runs import RunLogger, parent_run, resolve_tracking_uri, start_run
 from rgnn.train.stages import Hooks, epoch_line, model_config, run_stages
+from rgnn.cli import user_errors
 
 # name -> (config changes, how it trains: "regional" | "multilabel" | "multitask")
 ROWS = {
@@ -195,13 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = vars(p.parse_args(argv))
     out, rows, seeds = Path(args.pop("out", "ablation.md")).resolve(), args.pop("rows", None), args.pop("seeds", 3)
     args.pop("summary", None)
-    try:
+    with user_errors():
         base = resolve(config_from_args(args))
         # verifies --shards, or builds shards through sharding/ on Ray; training here needs no Ray
         train_dir, val_dir = prepare_shards(base.data, base.input, base.schedule.seed, keep_ray=False)
         results = run_ablation(base, train_dir, val_dir, out, rows.split(";") if rows else None, seeds)
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
     print("\n" + out.read_text())
     print(f"table: {out}")
     return results

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from rgnn.train.schedule import STAGES
 from rgnn.io.storage import write_json, write_text
 from rgnn.tracking.runs import (RunLogger, check_reachable, dataset_input, git_commit, recall_metrics, register_model,
                            resolve_tracking_uri, start_run)
+from rgnn.cli import user_errors
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -114,6 +114,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     run_dir = storage.join(storage_path, c.name)
     if c.resume and not storage.isdir(run_dir):
         raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage_path}")
+    init_ray(c.address)  # a head that does not answer fails here, before any shard is built
     train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
     class_names = shards.class_names(train_dir)
     if class_names != shards.class_names(val_dir):
@@ -126,7 +127,6 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     if cfg.model.weights == "standin":  # built once here (with progress), found in the cache by the workers
         print(f"backbone weights: {pretrained_weights(cfg.data.cache_dir)}", flush=True)
 
-    init_ray()
     c.workers, gpus = scaling(c, ray.cluster_resources().get("GPU", 0))
     tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
             "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,
@@ -195,11 +195,9 @@ def best_checkpoint(kept: list[tuple]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line of cluster/train_coco.py and cluster/train_voc.py."""
-    try:
+    with user_errors():
         cfg, summary_path = parse_args(argv)
         summary = fit(cfg, summary_path=summary_path)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:  # a message, not a traceback
-        sys.exit(f"error: {e}")
     final = list(summary["map"].items())
     print(f"\nMLflow run {summary['run_id']} in experiment {summary['experiment']!r} at {summary['tracking_uri']}")
     print(f"  see it: mlflow ui --backend-store-uri {summary['tracking_uri']}   (then open http://127.0.0.1:5000)")

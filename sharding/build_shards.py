@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from cluster.ray_setup import init_ray
+from rgnn.cli import user_errors
 from rgnn.data.proposals import ProposalParams
 from sharding.job import DEFAULT_SHARD_SIZE, build_shards, reader
 
@@ -73,30 +74,31 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.coco_root and a.voc_root:
         p.error("give --coco-root or --voc-root, not both")
-    if a.voc_root:
-        from rgnn.data.voc import read_voc  # noqa: PLC0415
+    with user_errors():  # a bad input names itself, no traceback
+        if a.voc_root:
+            from rgnn.data.voc import read_voc  # noqa: PLC0415
 
-        labeled = read_voc(a.voc_root, a.voc_split, a.voc_year)
-    else:
-        from rgnn.data.coco import read_coco  # noqa: PLC0415
+            labeled = read_voc(a.voc_root, a.voc_split, a.voc_year)
+        else:
+            from rgnn.data.coco import read_coco  # noqa: PLC0415
 
-        root = a.coco_root
-        if root is None:
-            from rgnn.data.synthetic import generate  # noqa: PLC0415
+            root = a.coco_root
+            if root is None:
+                from rgnn.data.synthetic import generate  # noqa: PLC0415
 
-            root = Path(a.synthetic_dir).expanduser()
-            if not (root / "annotations" / f"instances_{a.split}.json").is_file():
-                generate(root)
-        labeled = read_coco(root, a.split)
-    params = dataclasses.replace(ProposalParams(), max_boxes=a.max_boxes)
-    if a.actors != 0:
-        init_ray(a.address, a.num_cpus)
-    t0 = time.time()
-    split_dir = build_shards(labeled, a.out, actors=a.actors, params=params, shard_size=a.shard_size,
-                             edge_model=a.edge_model, limit=a.limit, progress=not a.no_progress)
-    m = reader().read_manifest(split_dir)
-    print(f"{split_dir}: {m['samples']} samples in {len(m['shards'])} shards, {len(m['skipped'])} inputs "
-          f"skipped (listed in {reader().MANIFEST}), {time.time() - t0:.1f} s")
+                root = Path(a.synthetic_dir).expanduser()
+                if not (root / "annotations" / f"instances_{a.split}.json").is_file():
+                    generate(root)
+            labeled = read_coco(root, a.split)
+        params = dataclasses.replace(ProposalParams(), max_boxes=a.max_boxes)
+        if a.actors != 0:
+            init_ray(a.address, a.num_cpus)
+        t0 = time.time()
+        split_dir = build_shards(labeled, a.out, actors=a.actors, params=params, shard_size=a.shard_size,
+                                 edge_model=a.edge_model, limit=a.limit, progress=not a.no_progress)
+        m = reader().read_manifest(split_dir)
+        print(f"{split_dir}: {m['samples']} samples in {len(m['shards'])} shards, {len(m['skipped'])} inputs "
+              f"skipped (listed in {reader().MANIFEST}), {time.time() - t0:.1f} s")
     print(recall_line(m))
 
 

@@ -133,6 +133,51 @@ def test_unreachable_server_error_hides_the_password():
     assert "pa55word" not in str(e.value) and "127.0.0.1:9" in str(e.value)
 
 
+def test_every_tracking_scheme_that_cannot_work_fails_at_once(tmp_path):
+    """A database server that does not answer (a port nothing listens on), a SQLite file in a missing
+    folder: named within seconds, before any work; an HTTP server with user info in its URI that does
+    answer passes."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from rgnn.tracking.runs import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for uri in (f"postgresql://bob:pa55word@127.0.0.1:{port}/mlflow", f"mysql+pymysql://bob:pa55word@127.0.0.1:{port}/m",
+                f"postgresql+psycopg://127.0.0.1:{port}/mlflow"):
+        t = time.monotonic()
+        with pytest.raises(ConnectionError) as e:
+            check_reachable(uri, timeout=2)
+        assert time.monotonic() - t < 10 and f"127.0.0.1:{port}" in str(e.value) and "pa55word" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        check_reachable(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    check_reachable(f"sqlite:///{tmp_path}/mlflow.db")
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://bob:pa55word@127.0.0.1:{server.server_port}/", timeout=5)
+    finally:
+        server.shutdown()
+    assert seen == [("/health", "Basic Ym9iOnBhNTV3b3Jk")]  # bob:pa55word
+
+
 @pytest.mark.parametrize("flag,value", [
     ("--epochs", "1,2,3"), ("--epochs", "1,-1,1,1"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-3"),
     ("--batch-size", "0"), ("--batch-size", "2.5"), ("--workers", "0"), ("--max-failures", "-1"),

@@ -125,14 +125,35 @@ def test_stopped_run_continues_with_resume(head, cache, tmp_path):
     assert summary["run_id"] == run_id and list(summary["map"]) == STAGES  # the same MLflow run, finished
 
 
-def test_unreachable_tracking_server_fails_fast(tmp_path):
+@pytest.mark.parametrize("case", ["http", "postgresql", "mysql", "sqlite-folder", "weights-file", "ray-address",
+                                  "RAY_ADDRESS"])
+def test_a_cause_that_stops_the_job_is_named_at_once(case, tmp_path):
+    """Before any shard, Ray or worker: one line naming the cause and the flag or file, within 30 s."""
+    port = services.free_port()  # nothing listens there
+    args, env, expect = [], {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, ""
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    if case in ("http", "postgresql", "mysql"):
+        tracking = {"http": f"http://127.0.0.1:{port}", "postgresql": f"postgresql://u:secret@127.0.0.1:{port}/m",
+                    "mysql": f"mysql://u:secret@127.0.0.1:{port}/m"}[case]
+        expect = f"127.0.0.1:{port}"
+    elif case == "sqlite-folder":
+        tracking, expect = f"sqlite:///{tmp_path}/nowhere/mlflow.db", str(tmp_path / "nowhere")
+    elif case == "weights-file":
+        args, expect = ["--backbone", "efficientnet_lite0", "--weights", str(tmp_path / "no.pth")], "--weights"
+    elif case == "ray-address":
+        args, expect = ["--address", f"127.0.0.1:{port}"], "--address"
+    else:
+        env["RAY_ADDRESS"], expect = f"127.0.0.1:{port}", "RAY_ADDRESS"
     start = time.time()
-    run = subprocess.run([sys.executable, "cluster/train_coco.py", "--smoke-test",
-                          "--tracking-uri", f"http://127.0.0.1:{services.free_port()}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
-    assert "127.0.0.1" in run.stderr and "reach" in run.stderr
-    assert time.time() - start < 60
+    run = subprocess.run([sys.executable, "cluster/train_coco.py", "--smoke-test", "--tracking-uri", tracking,
+                          "--cache-dir", str(tmp_path / "cache"), "--storage", str(tmp_path / "runs"), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], run.stderr[-3000:]
+    assert "secret" not in run.stderr and "Traceback" not in run.stderr
+    assert time.time() - start < 30
+    assert not (tmp_path / "cache" / "shards").exists()  # no work was done
 
 
 def test_best_checkpoint_is_the_highest_val_map_among_the_kept():

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from rgnn.cli import user_errors
 from rgnn.data.synthetic import SPLITS, write_split
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -257,10 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.train < 0 or a.val < 0:
         p.error("--train and --val must be >= 0")
-    try:
+    with user_errors():
         out = generate(a.out, a.train, a.val, a.seed, a.variant)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.train} train + {a.val} val images to {out}")
 
 

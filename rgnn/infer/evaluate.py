@@ -13,7 +13,6 @@ training's evaluation does.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from rgnn.metrics import average_precision, mean_ap, multilabel_prf
 from rgnn.infer.predict import Predictor
 from rgnn.data.proposals import EdgeBoxes
 from rgnn.tables import ap_table, to_csv, to_markdown
+from rgnn.cli import user_errors
 
 RULES = {"voc07": "VOC 2007 11-point AP", "area": "AP = area under the precision-recall curve"}
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--csv", help="write the table as CSV here")
     args = p.parse_args(argv)
     split = args.split or ("test" if args.voc_root else "val2017")
-    try:
+    with user_errors():
         if len(set(args.checkpoint)) != len(args.checkpoint):
             raise ValueError(f"a checkpoint is named twice: {args.checkpoint}")
         if args.batch_size < 1:
@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         else:
             scores, targets, ignore = scores_on_records(predictors, labeled, args.batch_size)
             results = {c: (s, targets, ignore) for c, s in zip(args.checkpoint, scores)}
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
     mode = ap_mode(dataset)
     table, metrics = evaluate_table(results, class_names, mode)
     head = f"per-class AP (%) on {dataset or split}, {RULES[mode]}"

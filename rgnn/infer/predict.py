@@ -36,6 +36,7 @@ from rgnn.train.engine import StageModel, memory_format
 from rgnn.nn.model import RGNN
 from rgnn.data.proposals import EdgeBoxes, ProposalParams
 from rgnn.io.storage import write_json
+from rgnn.cli import user_errors
 
 TOP_REGIONS = 5
 
@@ -250,12 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, help="shorter side (default: the training config's)")
     p.add_argument("--max-regions", type=int, help="T proposals per image (default: the training config's)")
     args = p.parse_args(argv)
-    try:
+    with user_errors():
         predictor = Predictor.load(args.checkpoint, args.edge_model, image_size=args.image_size,
                                    max_regions=args.max_regions)
         result = predict_files(predictor, args.inputs, args.threshold, args.batch_size)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
     write_json(args.out, result)
     print(f"{len(result['predictions'])} images predicted, {len(result['skipped'])} skipped -> {args.out}")
     return result

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from rgnn.metrics import pr_curve
+from rgnn.cli import user_errors
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -124,7 +125,6 @@ def class_gates(gates: np.ndarray, class_names: list[str], name: str | None) -> 
 
 def main(argv: list[str] | None = None) -> Path:
     import argparse
-    import sys
 
     from rgnn.data.images import decode_image
     from rgnn.infer.predict import Predictor
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--class", dest="cls", help="feature-level gates: draw this class's gate (default: the max)")
     p.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (default: training's)")
     args = p.parse_args(argv)
-    try:
+    with user_errors():
         predictor = Predictor.load(args.checkpoint, args.edge_model)
         if predictor.stage in ("global", "regional") or predictor.model.gate is None:
             raise ValueError(f"{args.checkpoint}: a model without trained gates (stage {predictor.stage}, "
@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> Path:
         image = decode_image(args.image)
         pred = predictor([image])[0]
         gates = class_gates(pred.gates, predictor.class_names, args.cls)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
     out = save_png(draw_gates(image, pred.boxes, gates), args.out)
     top = ", ".join(f"{n} {s:.2f}" for n, s in sorted(zip(predictor.class_names, pred.scores), key=lambda t: -t[1])[:3])
     print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); top scores: {top}")

@@ -3,10 +3,12 @@ parent runs of a search or an ablation. The training engine never imports this m
 callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.train.stages.Hooks."""
 from __future__ import annotations
 
+import base64
 import getpass
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,12 +17,13 @@ from typing import Callable, Iterator
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from rgnn.io.redaction import redact
+from rgnn.io.redaction import redact, scrub
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -37,16 +40,39 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with a clear error when an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
+    """Fail fast, naming the store, when a tracking URI cannot work: an HTTP server or a database server
+    that does not answer within `timeout`, a SQLite file in a folder that does not exist.
+
+    Raises:
+        ConnectionError: the server does not answer; FileNotFoundError: the SQLite file's folder is missing.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg -> postgresql
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            r.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"MLflow tracking server {redact(uri)} cannot be reached ({redact(str(e))}); "
-                              "start it (mlflow server ...) or pass another --tracking-uri") from None
+        if scheme in ("http", "https"):
+            # the user info goes into a header: urllib takes `user:pw@host` for a host with a bad port
+            netloc = parts.netloc.rsplit("@", 1)[-1]
+            request = urllib.request.Request(urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "")))
+            if parts.username is not None:
+                token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+                request.add_header("Authorization", f"Basic {token}")
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                r.read()
+        elif scheme in DATABASE_PORTS:
+            with socket.create_connection((parts.hostname or "localhost", parts.port or DATABASE_PORTS[scheme]),
+                                          timeout=timeout):
+                pass
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ConnectionError(f"MLflow tracking store {redact(uri)} cannot be reached ({scrub(str(e), uri)}); "
+                              "start its server or pass another --tracking-uri") from None
+    if scheme == "sqlite" and uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"MLflow tracking store {uri}: the folder {folder} does not exist")
 
 
 def artifact_root(uri: str) -> str | None:

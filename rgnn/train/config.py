@@ -101,6 +101,7 @@ class ClusterConfig:
     init_checkpoint: str | None = None
     max_failures: int = 2
     verbose: bool = False  # Ray Train's per-report and checkpoint lines in the job's log
+    address: str | None = None  # the Ray cluster to join (else RAY_ADDRESS, else a local one: cluster.ray_setup)
 
 
 @dataclass
@@ -485,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch, not only after each stage")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     c = p.add_argument_group("cluster and checkpoints")
+    c.add_argument("--address", help="Ray cluster to join, host:port of its head (default: RAY_ADDRESS, else a "
+                                     "running local head, else a new local Ray); one that does not answer is an error")
     c.add_argument("--workers", type=_count(1), help="DDP training workers (default: one per GPU where the cluster has "
                                                "GPUs, else 2)")
     c.add_argument("--cpus-per-worker", type=_number(0, low_open=True), help="CPUs reserved per worker (default 1)")

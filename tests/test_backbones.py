@@ -63,9 +63,10 @@ def test_the_backbone_trunk_is_the_whole_pretrained_conv_network(imagenet_net):
     backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
     x = stamp_batch(160)
     with torch.no_grad():
-        features = backbone(x)  # (K, 1280, 5, 5)
-        assert features.shape == (len(KNOWN), 1280, 5, 5) and backbone.stride == 32
-        torch.testing.assert_close(features, imagenet_net.forward_features(x), rtol=1e-4, atol=1e-4)
+        features = backbone(x)  # (K, 1280, 10, 10): stride 16, the last stride-2 stage dilated
+        assert features.shape == (len(KNOWN), 1280, 10, 10)
+        dilated = efficientnet_lite0(_read_state_dict(imagenet_file("efficientnet_lite0")), "PyPI file", 16).eval()
+        torch.testing.assert_close(features, dilated.forward_features(x), rtol=1e-4, atol=1e-4)
         pooled = backbone.global_inputs(features)  # (K, 1280)
         logits = imagenet_net.classifier(pooled)
     assert logits.argmax(1).tolist() == list(KNOWN.values())

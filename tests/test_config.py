@@ -209,3 +209,31 @@ def test_storage_errors_never_show_a_uris_credentials():
     with pytest.raises(RuntimeError, match="no credentials here"):  # nothing secret: the error as it was
         with storage.errors("s3://bucket/x"):
             raise RuntimeError("no credentials here")
+
+
+def test_every_experiment_is_tagged_for_the_model_training_view(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rgnn.tracking.runs import EXPERIMENT_KIND, experiment_id, start_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    start_run(uri, "new", "r", {}, {})
+    old = client.create_experiment("made-elsewhere")  # e.g. by an earlier version: tagged when reused
+    assert experiment_id(client, "made-elsewhere", uri) == old
+    for name in ("new", "made-elsewhere"):
+        tags = client.get_experiment_by_name(name).tags
+        assert tags["mlflow.experimentKind"] == EXPERIMENT_KIND["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize("setting,value", [("lr", "1e-3"), ("batch_size", 2.5), ("smoke_test", "no"),
+                                           ("epochs", [1, 1, "x", 1]), ("flip", 1), ("stage_lr", {"joint": "fast"}),
+                                           ("mean", [0.5, "a", 0.5]), ("max_regions", True)])
+def test_config_files_with_wrong_types_are_refused_naming_the_setting(setting, value, tmp_path):
+    """A settings file (or the config.json beside a checkpoint) is read by type, never coerced."""
+    from rgnn.train.config import parse_args
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({setting: value}))
+    with pytest.raises(ValueError, match=f"setting {setting}="):
+        parse_args(["--config", str(path)])

@@ -341,3 +341,20 @@ def test_a_second_build_on_the_same_folder_stops_with_a_clear_error(built):
         with pytest.raises(RuntimeError, match="another sharding job is writing"):
             build_shards(labeled, split_dir.parent, actors=0, params=ProposalParams(max_boxes=MAX_BOXES), progress=False)
     shards.verify_shards(split_dir)  # nothing of the first job's was touched
+
+
+def test_written_files_take_the_umask_mode(tmp_path):
+    """Shards, manifests, checkpoints and predictions are readable by the other users of a shared folder
+    as a plain open() would leave them (mkstemp alone gives 0600)."""
+    import os
+
+    from rgnn.io.storage import write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "a.json", "{}")
+        assert (path.stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        assert (write_text(tmp_path / "b.json", "{}").stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

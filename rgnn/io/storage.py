@@ -189,6 +189,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path | 
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent if local else None, prefix=f".{basename(path)}.", suffix=TMP_SUFFIX)
     try:
+        if local:  # mkstemp's 0600 would hide checkpoints and shards from the other users of a shared folder
+            os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -206,6 +208,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path | 
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -82,6 +82,22 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# the MLflow UI opens an experiment of this kind in its model-training view (not the GenAI one)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (artifacts beside a SQLite store) if missing; tagged with
+    EXPERIMENT_KIND either way."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_root(uri),
+                                                                     tags=EXPERIMENT_KIND)
+    if exp and any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+        for k, v in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp_id, k, v)
+    return exp_id
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
               run_id: str | None = None) -> str:
     """Create (or reopen, with run_id) the run of one training; returns its id.
@@ -89,8 +105,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     Beside `tags`, a new run gets what the MLflow UI shows as its source, user and commit."""
     check_reachable(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    exp_id = experiment_id(client, experiment, uri)
     if run_id is None:
         tags = {"mlflow.source.name": sys.argv[0] or "python", "mlflow.source.type": "JOB",
                 "mlflow.user": getpass.getuser(), "mlflow.source.git.commit": git_commit(), **tags}

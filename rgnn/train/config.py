@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -163,9 +164,10 @@ class TrainConfig:
 
     @classmethod
     def from_flat(cls, values: dict | None = None, **more) -> "TrainConfig":
-        """A TrainConfig from flat names (unknown names are an error)."""
+        """A TrainConfig from flat names (unknown names and values of the wrong type are errors)."""
         cfg = cls()
         for name, value in {**(values or {}), **more}.items():
+            check_type(name, value)
             cfg.set(name, value)
         return cfg
 
@@ -197,6 +199,40 @@ _PATHS = _flat_paths(TrainConfig())
 FLAT_NAMES = tuple(_PATHS)
 # what a trial of a search may vary: what it trains, never where it runs or writes (name, storage, ...)
 TRAINABLE_SETTINGS = tuple(n for n, path in _PATHS.items() if path[0] in ("model", "input", "augment", "schedule"))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_TYPE_CHECKS = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _is_number,
+    "str": lambda v: isinstance(v, str),
+    "tuple[float, ...]": lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
+    "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                      for x in v),
+    "list[int]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in v),
+    "dict[str, float]": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    return TrainConfig().to_flat()
+
+
+def check_type(name: str, value) -> None:
+    """ValueError unless `value` has the declared type of setting `name` (a config file's `lr: '1e-3'`,
+    `batch_size: 2.5` or `smoke_test: 'no'` are refused, not read as something else)."""
+    kind = setting_type(name)
+    base, optional = (kind[:-len(" | None")], True) if kind.endswith(" | None") else (kind, False)
+    if value is None and (optional or _defaults()[name] is None):  # None: left for resolve() to fill
+        return
+    if not _TYPE_CHECKS[base](value):
+        raise ValueError(f"setting {name}={value!r}: expected {kind}")
 
 
 def setting_type(name: str) -> str:

@@ -313,13 +313,12 @@ def log_run(uri: str, settings: PretrainSettings, path: Path) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from rgnn.tracking.runs import artifact_root, check_reachable, resolve_tracking_uri
+    from rgnn.tracking.runs import check_reachable, experiment_id, resolve_tracking_uri
 
     uri = resolve_tracking_uri(uri)
     check_reachable(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+    exp_id = experiment_id(client, EXPERIMENT, uri)
     run_id = client.create_run(exp_id, run_name=path.stem, tags={"weights": str(path)}).info.run_id
     try:
         doc = path.with_suffix(".json")

@@ -154,9 +154,7 @@ def _train_row(name: str, cfg: TrainConfig, model: RGNN, names: list[str], train
 
     hooks = Hooks(on_step=log.step, on_epoch=on_epoch, on_warning=on_warning)
     _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=hooks)
-    for n, a in zip(names, result["ap"]):
-        if not np.isnan(a):
-            log.metric(f"val/AP/{n}", a, 0)
+    log.class_aps(names, result["ap"])
     log.flush()
     log.client.set_terminated(run_id, "FINISHED")
     return {"mAP": result["mAP"], "ap": [float(a) for a in result["ap"]], "run_id": run_id,

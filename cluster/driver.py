@@ -29,7 +29,7 @@ from rgnn.nn.backbones import imagenet_file
 from rgnn.train.pretrain import pretrained_weights
 from rgnn.train.schedule import STAGES
 from rgnn.io.storage import write_json, write_text
-from rgnn.tracking.runs import (RunLogger, check_reachable, dataset_input, git_commit, recall_metrics, register_model,
+from rgnn.tracking.runs import (RunLogger, check_reachable, class_metric, dataset_input, git_commit, recall_metrics, register_model,
                            resolve_tracking_uri, start_run)
 from rgnn.cli import user_errors
 
@@ -171,7 +171,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
                "checkpoint": checkpoint_uri(result.checkpoint) if result.checkpoint else None,
                "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
                "map": maps,
-               "per_class_ap": {n: run.metrics[f"val/AP/{n}"] for n in class_names if f"val/AP/{n}" in run.metrics},
+               "per_class_ap": {n: run.metrics[class_metric(n)] for n in class_names if class_metric(n) in run.metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
                "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment,
                "model_uri": run.tags.get("model_uri")}

@@ -237,3 +237,19 @@ def test_config_files_with_wrong_types_are_refused_naming_the_setting(setting, v
     path.write_text(json.dumps({setting: value}))
     with pytest.raises(ValueError, match=f"setting {setting}="):
         parse_args(["--config", str(path)])
+
+
+def test_class_names_mlflow_refuses_as_keys_still_get_their_ap_logged(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rgnn.tracking.runs import RunLogger, class_metric, start_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = start_run(uri, "keys", "r", {}, {})
+    log = RunLogger(uri, run_id)
+    names = ["bad:name?*", "water animal", "a/b", "ok"]
+    log.class_aps(names, [0.5, 0.25, float("nan"), 1.0])
+    log.flush()
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics == {"val/AP/bad_name__": 0.5, "val/AP/water animal": 0.25, "val/AP/ok": 1.0}
+    assert class_metric("bad:name?*") == "val/AP/bad_name__"

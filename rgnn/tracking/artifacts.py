@@ -5,7 +5,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rgnn.io.checkpoint import save_checkpoint
@@ -38,9 +37,7 @@ def log_final_artifacts(log: RunLogger, model: RGNN, stage: str, result: dict, c
             log.artifact(gate_pictures(model, val_dir, cfg.input, tmp / "gates"), "gates")
         folder = save_checkpoint(tmp / "checkpoint", model, class_names, cfg.to_flat(redacted=True), stage=stage)
         log.model(folder, class_names, shards.first_image(val_dir))
-    for name, a in zip(class_names, result["ap"]):
-        if not np.isnan(a):
-            log.metric(f"val/AP/{name}", a, 0)
+    log.class_aps(class_names, result["ap"])
 
 
 @torch.no_grad()

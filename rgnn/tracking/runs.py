@@ -7,7 +7,9 @@ import base64
 import getpass
 import hashlib
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -80,6 +82,13 @@ def artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def class_metric(name: str) -> str:
+    """The MLflow metric key of a class's AP, `val/AP/<class>`: characters MLflow refuses in a key
+    (anything but letters, digits, `_ - . /` and spaces) become `_`; the names themselves are in the
+    per-class AP table artifact."""
+    return "val/AP/" + re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
 
 
 # the MLflow UI opens an experiment of this kind in its model-training view (not the GenAI one)
@@ -249,6 +258,10 @@ class RunLogger:
                 self.metric(f"val/mAP_voc07/{stage}", result["mAP_voc07"], state.global_step)
             self.tag("stage_reached", stage)
         self.flush()
+
+    def class_aps(self, class_names: list[str], ap) -> None:
+        """Each class's AP (not NaN: a class without val images has none) as `class_metric(name)`, step 0."""
+        self.metrics({class_metric(n): float(a) for n, a in zip(class_names, ap) if not math.isnan(a)}, 0)
 
     def datasets(self, inputs: list[DatasetInput]) -> None:
         self.client.log_inputs(self.run_id, datasets=inputs)

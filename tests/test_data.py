@@ -301,3 +301,13 @@ def test_coco_orphan_and_nan_annotations_are_left_out_and_counted(tmp_path):
     reasons = {where.split(" annotation ")[1].split(" ")[0]: why for where, why in labeled.skipped}
     assert reasons["12"] == "points at no image" and "not finite" in reasons["13"]
     assert [r.labels for r in labeled.records] == [[0], [1]]  # the good annotations are kept
+
+
+def test_a_label_outside_the_class_list_is_an_error_not_the_last_class():
+    from rgnn.data.records import ImageRecord
+
+    rec = ImageRecord(7, "x.jpg", 4, 4, [0, 2])
+    assert rec.target(3).tolist() == [1.0, 0.0, 1.0]
+    for labels in ([-1], [3], [1.5]):
+        with pytest.raises(ValueError, match="image 7: labels"):
+            ImageRecord(7, "x.jpg", 4, 4, labels).target(3)

@@ -300,3 +300,49 @@ def test_every_folder_entry_not_predicted_is_listed_with_its_reason(trained, syn
                        "dangling.jpg": "broken symbolic link (or a link loop)",
                        "loop.jpg": "broken symbolic link (or a link loop)",
                        "pipe.jpg": "not a regular file (FIFO, socket or device)"}
+
+
+def test_one_bad_image_costs_no_other_prediction_and_a_stopped_run_resumes(trained, synthetic_root, tmp_path):
+    """A 3 x 2000 image (a 1-pixel side once resized, before the minimum side) is predicted; an image the
+    network fails on is skipped with its reason while the rest of its batch is predicted; predictions are
+    written after every batch, and a second run predicts only what the first did not."""
+    from PIL import Image
+
+    from rgnn.infer.predict import predict_files
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, f in enumerate(sorted((synthetic_root / "val2017").glob("*.jpg"))[:5]):
+        shutil.copy(f, folder / f"{i}.jpg")
+    Image.new("RGB", (3, 2000), (90, 120, 30)).save(folder / "thin.png")
+    predictor = Predictor.load(trained / "ckpt")
+    calls = []
+
+    class Flaky:
+        """The predictor, failing on any batch that holds the image of 2.jpg."""
+
+        def __init__(self, bad: np.ndarray):
+            self.bad, self.class_names, self.stage = bad, predictor.class_names, predictor.stage
+
+        def __call__(self, images):
+            calls.append(len(images))
+            if any(im.shape == self.bad.shape and np.array_equal(im, self.bad) for im in images):
+                raise RuntimeError("the network failed")
+            return predictor(images)
+
+    out = tmp_path / "p.json"
+    flaky = Flaky(decode_image(str(folder / "2.jpg")))
+    result = predict_files(flaky, [str(folder)], batch_size=4, progress=False, out=out)
+    names = sorted(p["file"].split("/")[-1] for p in result["predictions"])
+    assert names == ["0.jpg", "1.jpg", "3.jpg", "4.jpg", "thin.png"]
+    assert [(s["file"].split("/")[-1], s["reason"]) for s in result["skipped"]] == \
+        [("2.jpg", "prediction failed: the network failed")]
+    assert json.loads(out.read_text()) == result  # written as it went
+    assert calls == [4, 1, 1, 1, 1, 2]  # the failing batch again image by image, then the last batch
+
+    calls.clear()
+    shutil.copy(folder / "0.jpg", folder / "5.jpg")
+    again = predict_files(predictor=Flaky(np.zeros((1, 1, 3), np.uint8)), inputs=[str(folder)], batch_size=4,
+                          progress=False, out=out)
+    assert calls == [2]  # 2.jpg (skipped before) and the new 5.jpg; the five predicted are kept
+    assert sorted(p["file"].split("/")[-1] for p in again["predictions"]) == sorted(names + ["2.jpg", "5.jpg"])

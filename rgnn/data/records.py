@@ -32,6 +32,9 @@ class ImageRecord:
 
     def target(self, num_classes: int) -> np.ndarray:
         """float32 ndarray[C]: the multi-label indicator vector y of eq. 6."""
+        bad = [c for c in self.labels if not (isinstance(c, (int, np.integer)) and 0 <= c < num_classes)]
+        if bad:  # numpy would take -1 as the last class
+            raise ValueError(f"image {self.image_id}: labels {bad} are not class indices in [0, {num_classes})")
         y = np.zeros(num_classes, np.float32)
         y[self.labels] = 1.0
         return y

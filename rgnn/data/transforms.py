@@ -17,6 +17,9 @@ import torch
 from rgnn.boxes import scale_boxes
 
 
+MIN_SIDE = 16  # pixels: one cell of the stride-16 feature map
+MAX_SIDE = 4096  # pixels: the largest shorter side (or square) an input may ask for
+
 @dataclass
 class InputConfig:
     """The network's input (section 4.2); None fields are filled by the training recipe.
@@ -43,8 +46,10 @@ class InputConfig:
         """Raise ValueError naming the first bad field."""
         for name in ("image_size", "max_size", "global_size"):
             value = getattr(self, name)
-            if (value is not None or name == "image_size") and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}: expected an int >= 1")
+            high = 2 * MAX_SIDE if name == "max_size" else MAX_SIDE  # a checkpoint's config may ask for anything
+            if (value is not None or name == "image_size") and (not isinstance(value, int) or isinstance(value, bool)
+                                                                or not MIN_SIDE <= value <= high):
+                raise ValueError(f"{name}={value!r}: expected an int in [{MIN_SIDE}, {high}]")
         if not isinstance(self.max_regions, int) or self.max_regions < 0:
             raise ValueError(f"max_regions={self.max_regions!r}: expected an int >= 0")
 
@@ -115,7 +120,8 @@ def resize_image(image: np.ndarray, image_size: int, max_size: int | None = None
     else:
         max_size = max_size or 2 * image_size
         s = min(image_size / min(h, w), max_size / max(h, w))
-        nh, nw = max(round(h * s), 1), max(round(w * s), 1)
+        # a side of at least one cell of the stride-16 feature map (a 3 x 2000 image would get 1 pixel)
+        nh, nw = max(round(h * s), MIN_SIDE), max(round(w * s), MIN_SIDE)
     interp = cv2.INTER_AREA if nh * nw < h * w else cv2.INTER_LINEAR
     out = cv2.resize(image, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else image
     return out, (nw / w, nh / h)

@@ -205,9 +205,17 @@ def describe(p: Prediction, class_names: list[str], threshold: float, top: int =
     return doc
 
 
+MAX_RESUME_BYTES = 1 << 30  # a predictions file to resume from is read only up to this size
+
+
 def predict_files(predictor: Predictor, inputs: list[str], threshold: float = 0.5, batch_size: int = 8,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, out: str | Path | None = None) -> dict:
     """Predict every image of `inputs` (files and folders), `batch_size` images per forward pass.
+
+    A batch that fails in the network is predicted again image by image, so one bad image is listed
+    under "skipped" with its reason and costs nobody else's prediction. With `out`, the document is
+    written there (whole, atomically) after every batch, and a run that stopped resumes: the images
+    an `out` of the same checkpoint stage, classes and threshold already holds are not predicted again.
 
     Returns:
         the CLI's JSON document: {"classes", "threshold", "stage", "predictions": [{"file", "labels",
@@ -215,27 +223,58 @@ def predict_files(predictor: Predictor, inputs: list[str], threshold: float = 0.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    skipped: list[dict] = []
-    files = image_files(inputs, skipped)
-    out: list[dict] = []
+    doc = {"classes": predictor.class_names, "threshold": threshold, "stage": predictor.stage,
+           "predictions": _resumed(out, predictor, threshold), "skipped": []}
+    done = {p["file"] for p in doc["predictions"]}
+    files = [f for f in image_files(inputs, doc["skipped"]) if str(f) not in done]
     pending: list[tuple[Path, np.ndarray]] = []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress or len(files) < 2)
 
-    def flush() -> None:
-        for (f, _), p in zip(pending, predictor([im for _, im in pending])):
-            out.append({"file": str(f), **describe(p, predictor.class_names, threshold)})
-        pending.clear()
+    def one(f: Path, image: np.ndarray) -> Prediction | None:
+        try:
+            return predictor([image])[0]
+        except (RuntimeError, ValueError) as e:
+            print(f"skipped {f}: {e}", file=sys.stderr)
+            doc["skipped"].append({"file": str(f), "reason": f"prediction failed: {e}"})
+            return None
 
-    for item in _decoded(files, skipped):
+    def flush() -> None:
+        try:
+            preds = predictor([im for _, im in pending])
+        except (RuntimeError, ValueError):  # find the image at fault
+            preds = [one(f, im) for f, im in pending]
+        for (f, _), p in zip(pending, preds):
+            if p is not None:
+                doc["predictions"].append({"file": str(f), **describe(p, predictor.class_names, threshold)})
+        pending.clear()
+        if out is not None:
+            write_json(out, doc)
+
+    for item in _decoded(files, doc["skipped"]):
         pending.append(item)
         if len(pending) == batch_size:
             flush()
         bar.update(1)
-    if pending:
+    if pending or out is not None:
         flush()
     bar.close()
-    return {"classes": predictor.class_names, "threshold": threshold, "stage": predictor.stage,
-            "predictions": out, "skipped": skipped}
+    return doc
+
+
+def _resumed(out: str | Path | None, predictor: Predictor, threshold: float) -> list[dict]:
+    """The predictions an earlier run of the same model and threshold left in `out` (none if it differs)."""
+    path = Path(out) if out is not None else None
+    if path is None or not path.is_file():
+        return []
+    if path.stat().st_size > MAX_RESUME_BYTES:
+        raise ValueError(f"{path}: over {MAX_RESUME_BYTES} bytes; not a predictions file to resume")
+    try:
+        old = json.loads(path.read_text())
+        same = (old["classes"], old["threshold"], old["stage"]) == (predictor.class_names, threshold, predictor.stage)
+        kept = [p for p in old["predictions"] if isinstance(p, dict) and isinstance(p.get("file"), str)]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise ValueError(f"{path}: not a predictions file of rgnn.infer.predict (remove it or choose another --out)") from None
+    return kept if same else []
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -254,8 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     with user_errors():
         predictor = Predictor.load(args.checkpoint, args.edge_model, image_size=args.image_size,
                                    max_regions=args.max_regions)
-        result = predict_files(predictor, args.inputs, args.threshold, args.batch_size)
-    write_json(args.out, result)
+        result = predict_files(predictor, args.inputs, args.threshold, args.batch_size, out=args.out)
     print(f"{len(result['predictions'])} images predicted, {len(result['skipped'])} skipped -> {args.out}")
     return result
 

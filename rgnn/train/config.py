@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rgnn.nn.backbones import BACKBONES, normalisation
-from rgnn.data.transforms import PAPER_INPUT, Augment, InputConfig
+from rgnn.data.transforms import MAX_SIDE, MIN_SIDE, PAPER_INPUT, Augment, InputConfig
 from rgnn.io.redaction import redact
 from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS
 from rgnn.nn.losses import GATE_TARGETS
@@ -441,7 +441,6 @@ def _run_name(text: str) -> str:
     return text
 
 
-MAX_SIDE = 4096  # pixels: a bound on every image side a flag or file may ask for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--ema", type=_number(0, 1, high_open=True), help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
                                              "weights; at each stage's end the better on the val split goes on "
                                              "(default 0: none)")
-    s.add_argument("--image-size", type=_count(16, MAX_SIDE), help="shorter side of the free-size regional input")
-    s.add_argument("--max-size", type=_count(16, 2 * MAX_SIDE), help="cap on the longer side (default 2x image size)")
-    s.add_argument("--global-size", type=_count(16, MAX_SIDE), help="side of the size-normalised stage-1 input")
+    s.add_argument("--image-size", type=_count(MIN_SIDE, MAX_SIDE), help="shorter side of the free-size regional input")
+    s.add_argument("--max-size", type=_count(MIN_SIDE, 2 * MAX_SIDE), help="cap on the longer side (default 2x image size)")
+    s.add_argument("--global-size", type=_count(MIN_SIDE, MAX_SIDE), help="side of the size-normalised stage-1 input")
     s.add_argument("--max-regions", type=_count(0, 5000), help="T: top proposals per image, the whole image added (default 500, small: 128)")
     s.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch, not only after each stage")
     s.add_argument("--seed", type=int, help="random seed (default 0)")

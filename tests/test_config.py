@@ -253,3 +253,23 @@ def test_class_names_mlflow_refuses_as_keys_still_get_their_ap_logged(tmp_path):
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
     assert metrics == {"val/AP/bad_name__": 0.5, "val/AP/water animal": 0.25, "val/AP/ok": 1.0}
     assert class_metric("bad:name?*") == "val/AP/bad_name__"
+
+
+def test_the_photo_recipe_comes_with_the_backbone_on_any_data():
+    """--photos and a plain --coco-root DIR --backbone efficientnet_lite0 take the same recipe, whose input
+    normalisation is the weights' own (mean = std = 0.5)."""
+    photos, _ = parse_args(["--photos"])
+    coco, _ = parse_args(["--coco-root", "/data/photos", "--backbone", "efficientnet_lite0"])
+    for cfg in (photos, coco):
+        assert (cfg.model.backbone, cfg.model.weights, cfg.model.mean, cfg.model.std) == \
+            ("efficientnet_lite0", "imagenet", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        assert (cfg.schedule.epochs, cfg.schedule.lr, cfg.schedule.batch_size, cfg.input.image_size,
+                cfg.input.max_regions) == ([4, 4, 2, 6], 8e-4, 8, 288, 64)
+    assert photos.dataset == "photos" and (photos.data.photos, photos.data.synthetic_train) == ("main", 600)
+    assert parse_args(["--photos", "alt"])[0].data.photos == "alt"
+    vgg, _ = parse_args(["--coco-root", "/data/coco"])
+    assert vgg.model.mean == (0.485, 0.456, 0.406) and vgg.schedule.epochs == [10, 10, 10, 20]
+    smoke, _ = parse_args(["--photos", "--smoke-test"])
+    assert (smoke.model.backbone, smoke.model.weights, smoke.data.synthetic_train) == ("efficientnet_lite0", "imagenet", 48)
+    with pytest.raises(ValueError, match="at most one"):
+        parse_args(["--photos", "--coco-root", "/x"])

@@ -101,6 +101,25 @@ def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatc
     assert predictor.stage == "joint" and prediction.scores.shape == (10,) and prediction.gates is not None
 
 
+@pytest.mark.skipif(not Path("/usr/share/tuxpaint/stamps").is_dir(), reason="needs tuxpaint-stamps-default")
+def test_job_submit_of_the_photo_job_trains_efficientnet_on_photographs(head, cache, tmp_path):
+    """The README's photo job as submitted, at smoke size: the photographic set generated and sharded,
+    EfficientNet-Lite0 with its ImageNet weights through the four stages, one line per epoch in the log."""
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
+           "python", *train_args(tmp_path, cache, "--photos", "--tracking-uri", db)]
+    run = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["map"]) == STAGES and len(summary["per_class_ap"]) <= 12
+    mlrun = MlflowClient(db).get_run(summary["run_id"])
+    assert (mlrun.data.tags["backbone"], mlrun.data.tags["dataset"]) == ("efficientnet_lite0", "photos")
+    assert (mlrun.data.params["weights"], mlrun.data.params["mean"]) == ("imagenet", "[0.5, 0.5, 0.5]")
+    assert (cache / "photos-main-48-24-seed0" / "annotations" / "instances_val2017.json").is_file()
+    epoch_lines = [line for line in run.stdout.splitlines() if "] epoch " in line]
+    assert len(epoch_lines) == 5 and "Reporting training result" not in run.stdout  # one line per epoch
+
+
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
 

@@ -277,6 +277,10 @@ LR_PER_IMAGE = {"fine-tune": 1e-4 / 2, "scratch": 1e-3 / 16}
 SMOKE_RECIPE = dict(backbone="small", weights="none", recipe="scratch", epochs=[1, 1, 1, 2], lr=1e-3, dropout=0.1,
                     batch_size=8, image_size=128, max_size=256, global_size=128, max_regions=48)
 SMOKE_DATA = dict(synthetic_train=48, synthetic_val=24)
+# --photos --smoke-test: the photo job's backbone with its ImageNet weights, at a tiny input
+PHOTO_SMOKE_RECIPE = dict(backbone="efficientnet_lite0", weights="imagenet", recipe="fine-tune", epochs=[1, 1, 1, 2],
+                          lr=8e-4, dropout=0.2, batch_size=4, image_size=128, max_size=192, global_size=128,
+                          max_regions=16)
 
 
 def recipe_of(weights: str) -> str:
@@ -300,12 +304,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             chosen[name] = value
 
     if cfg.smoke_test:
-        for name, value in {**SMOKE_RECIPE, **SMOKE_DATA}.items():
+        recipe = PHOTO_SMOKE_RECIPE if cfg.dataset == "photos" else SMOKE_RECIPE
+        for name, value in {**recipe, **SMOKE_DATA}.items():
             default(name, value)
-    builtin = cfg.dataset == "synthetic"
-    if cfg.dataset in GENERATED_SIZES:
+    elif cfg.dataset in GENERATED_SIZES:
         default("synthetic_train", GENERATED_SIZES[cfg.dataset][0])
         default("synthetic_val", GENERATED_SIZES[cfg.dataset][1])
+    builtin = cfg.dataset == "synthetic"
     default("backbone", "efficientnet_lite0" if cfg.dataset == "photos" else "small" if builtin else "vgg16")
     if m.backbone not in INPUTS:
         raise ValueError(f"backbone={m.backbone!r}: expected one of {BACKBONES}")

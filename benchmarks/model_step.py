@@ -6,7 +6,7 @@
 Both run on the same backbone and the same input size (random weights, training mode): the
 global step is `forward_global` (stage 1, the whole image pooled once); the RGNN step is
 `forward` with T proposals per image plus the whole image (stage 4, everything trainable). A step
-is forward, the balanced loss (eq. 6) and backward; no optimiser update. The issue's target:
+is forward, the balanced loss (eq. 6) and backward; no optimiser update. The target:
 at T = 200 an RGNN step costs at most 1.5x a global step. Prints a table, writes JSON.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rgnn.nn.model import RGNN, ModelConfig
 from rgnn.train.schedule import set_trainable
 
 NUM_CLASSES = 20  # VOC
-TARGET_RATIO = 1.5  # issue 3: RGNN step <= 1.5x global step at T = 200
+TARGET_RATIO = 1.5  # RGNN step <= 1.5x global step at T = 200
 # per backbone: (batch, height, width) -- the demo's regional input for small, a Fast R-CNN-like
 # free-size input for VGG-16 (the paper's images are ~500x375 and Fast R-CNN resizes to 600)
 SETTINGS = {"small": (8, 192, 256), "vgg16": (2, 480, 640), "resnet50": (2, 480, 640), "efficientnet_lite0": (8, 288, 384)}

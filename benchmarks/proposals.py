@@ -1,4 +1,4 @@
-"""Throughput of the proposal step (issue 4): EdgeBoxes images/s on one core at VOC size.
+"""Throughput of the proposal step: EdgeBoxes images/s on one core at VOC size.
 
     python benchmarks/proposals.py [--images N] [--size 500,375] [--edge-model FILE] [--no-photos]
                                    [--shard-images N] [--shard-cpus N] [--out FILE]
@@ -8,12 +8,12 @@ Proposals: `rgnn.data.proposals.EdgeBoxes` with the default `ProposalParams` on 
 `rgnn.data.synthetic.make_image`, resized to --size, ground-truth boxes scaled with them); also on
 the natural photos that matplotlib and scikit-learn ship (if installed), which have more texture
 and so more gradient edges. Reports wall-clock and CPU (process) time per image, images/s, boxes
-per image, and on the synthetic images the recall at IoU 0.5 and 0.7. The issue's target: at least
+per image, and on the synthetic images the recall at IoU 0.5 and 0.7. The target: at least
 10 images/s per core at 500x375 (the paper quotes about 200 ms per image for EdgeBoxes).
 
 Shard job: the whole sharding job (`sharding.job.build_shards`: actor start, decoding,
 proposals, tar writing, manifest) on --shard-images synthetic JPEGs at --size, on a local Ray of
---shard-cpus CPUs, with 1 and 2 actors; end-to-end images/s. The issue's target: 2 actors at least
+--shard-cpus CPUs, with 1 and 2 actors; end-to-end images/s. The target: 2 actors at least
 1.7x one actor on 2 cores.
 Prints a table, writes JSON (one key per part of the benchmark).
 """
@@ -34,8 +34,8 @@ from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.data.synthetic import CLASS_NAMES, category_id, make_image
 from rgnn.data.proposals import EdgeBoxes, ProposalParams, proposal_recall
 
-TARGET_IMAGES_PER_S = 10.0  # issue 4, per core at 500x375
-TARGET_SHARD_SPEEDUP = 1.7  # issue 4: the shard job with 2 actors vs 1 actor, on 2 cores
+TARGET_IMAGES_PER_S = 10.0  # per core at 500x375
+TARGET_SHARD_SPEEDUP = 1.7  # the shard job with 2 actors vs 1 actor, on 2 cores
 
 
 def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -8,7 +8,7 @@ shorter side 192, T = 64, batch 16 per worker), built on first use by cluster/da
 decodes its batches before the clock starts, so the training rate is the step's alone (forward,
 eq. 9's loss, backward, DDP all-reduce, Adam). The pipeline rate is one process reading shards,
 decoding, resizing and collating (`rgnn.data.shards.shard_loader`, no DataLoader workers), the
-same work a training worker's loader does. Targets (issue 5): scaling efficiency = 2-worker rate /
+same work a training worker's loader does. Targets: scaling efficiency = 2-worker rate /
 (2 x 1-worker rate) >= 0.8; pipeline >= 3x the 1-worker training rate. Prints and writes JSON.
 """
 from __future__ import annotations

@@ -54,7 +54,7 @@ def scale_boxes(boxes: np.ndarray, sx: float, sy: float, width: int, height: int
 def clip_box(box: list[float], width: int, height: int, where: str) -> list[float] | None:
     """Clip one ground-truth box to its image.
 
-    Decision (issue 2): a box that pokes outside its image is clipped with a warning; one with no
+    Decision: a box that pokes outside its image is clipped with a warning; one with no
     area left inside the image is dropped with a warning. Both name the file and the box.
 
     Returns:

@@ -177,7 +177,7 @@ def test_gate_modules_match_their_functions():
 @pytest.mark.parametrize("norm", [1.0, 100.0, 1000.0])
 def test_gates_start_at_one_half_and_can_learn(norm):
     """fc7 of the small CNN has a norm near 100 (VGG's more): with Xavier-initialised T most gates
-    started saturated and eq. 7 had no gradient (issue 12). Zero-initialised T: every gate is 0.5."""
+    started saturated and eq. 7 had no gradient. Zero-initialised T: every gate is 0.5."""
     torch.manual_seed(0)
     u = torch.relu(torch.randn(64, 128))
     u = u * norm / u.norm(dim=1, keepdim=True)  # (R, U) with ||u_i|| = norm

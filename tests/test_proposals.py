@@ -271,7 +271,7 @@ def test_recall_counts_by_area_bin_and_summary():
 
 
 def test_large_images_are_searched_at_a_bounded_size():
-    """EdgeBoxes runs on the image shrunk to max_side (issue 13): a 4x upscaled copy of an image gets the
+    """EdgeBoxes runs on the image shrunk to max_side: a 4x upscaled copy of an image gets the
     original's boxes scaled by 4, and the search's cost does not grow with the file's size."""
     img = draw_scene(3)[0]  # 200 x 150
     big = cv2.resize(img, (800, 600), interpolation=cv2.INTER_NEAREST)

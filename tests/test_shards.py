@@ -301,7 +301,7 @@ def test_bad_arguments(built):
 
 
 def test_shards_follow_their_sources(synthetic_root, tmp_path, caplog):
-    """Relabelling an image or replacing its file rebuilds exactly the shard that holds it (issue 13)."""
+    """Relabelling an image or replacing its file rebuilds exactly the shard that holds it."""
     import dataclasses
 
     src = tmp_path / "src"

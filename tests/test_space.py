@@ -1,4 +1,4 @@
-"""tune/space.py: a search space file is checked completely before anything starts (issue 13)."""
+"""tune/space.py: a search space file is checked completely before anything starts."""
 from __future__ import annotations
 
 import json

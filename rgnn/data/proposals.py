@@ -13,7 +13,7 @@ EdgeBoxes scores sliding windows by the edge contours they wholly enclose; it ne
   the orientation as OpenCV's `edgesNms` does it (`edge_nms`), which OpenCV exposes only on a
   structured-edge object and so only with a model file.
 
-Decisions (issue 4; figures from benchmarks/proposals.py on one core, synthetic-set images resized
+Decisions (figures from benchmarks/proposals.py on one core, synthetic-set images resized
 to 500x375, and from the synthetic set itself):
 - Gradient edges respond to texture that the structured forest ignores, and the cv2 box search
   slows with texture: with a 1 px blur 7.6% of the pixels stayed edges and an image took 187 ms,
@@ -83,7 +83,7 @@ class ProposalParams:
     edge_scale: float = 30.0  # gradient (grey levels per px) at which the edge map is 1 - 1/e
     nms_radius: int = 1  # px along the normal within which an edge pixel must be the maximum
     # EdgeBoxes runs on the image shrunk to this longer side (the paper's input cap, Fast R-CNN's 1000),
-    # boxes mapped back: time and memory per image stay bounded whatever the file's size (issue 13)
+    # boxes mapped back: time and memory per image stay bounded whatever the file's size
     max_side: int = 1000
 
     def __post_init__(self):

@@ -173,7 +173,7 @@ def make_image(rng: np.random.Generator):
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-# A second set for checking a recipe on data the project was not tuned on (issue 12): glyphs instead
+# A second set for checking a recipe on data the project was not tuned on: glyphs instead
 # of striped shapes, solid colours, the same backdrop and size range, solid shapes as clutter.
 GLYPHS = ("A", "E", "K", "R", "X", "Z", "3", "7")
 

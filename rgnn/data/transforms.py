@@ -56,7 +56,7 @@ class InputConfig:
 
 @dataclass
 class Augment:
-    """Training-time augmentation (issue 15; the paper names none). Proposals and ground-truth boxes
+    """Training-time augmentation (the paper names none). Proposals and ground-truth boxes
     move with the image; evaluation and prediction never augment.
 
     Attributes:

@@ -54,7 +54,7 @@ class _Gate(nn.Module):
     Section 4.2 Xavier-initialises T. On fc7 features of norm ~100 (the small CNN; VGG's are larger)
     that gives pre-activations of std ~9: most gates start saturated near 0 or 1, where eq. 7's
     gradient (g - r) g (1 - g) vanishes, and stage 3 learned nothing (gate AUC 0.49 against eq. 8's
-    target, issue 12). T starts at zero (weight and bias): every gate at 0.5, the steepest point of
+    target). T starts at zero (weight and bias): every gate at 0.5, the steepest point of
     the sigmoid, and the gradient on T's weight, (g - r) g (1 - g) u, is never zero at the start.
     """
 

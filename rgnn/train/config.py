@@ -250,7 +250,7 @@ def _path(name: str) -> tuple[str, ...]:
     return _PATHS[name]
 
 
-# The recipes (flat names), each default decided by what it depends on (issue 12):
+# The recipes (flat names), each default decided by what it depends on:
 # - the data source: the backbone, its weights and the number of epochs;
 WEIGHTS = ("none", "imagenet", "standin")  # or the path of a state_dict
 PAPER_EPOCHS = [10, 10, 10, 20]  # section 4.2
@@ -272,7 +272,7 @@ BACKBONE_EPOCHS = {"efficientnet_lite0": [4, 4, 2, 6]}
 #   the paper's (section 4.2: Adam 1e-4 for 2 images), random weights the rate measured to train the
 #   small CNN from scratch (1e-3 for 16 images); both scale linearly with the batch. At the paper's
 #   1e-4 for 2 images, 600 pixels and dropout 0.5 the small CNN from scratch stayed at chance on a
-#   400-image COCO-format set (issue 12).
+#   400-image COCO-format set.
 LR_PER_IMAGE = {"fine-tune": 1e-4 / 2, "scratch": 1e-3 / 16}
 SMOKE_RECIPE = dict(backbone="small", weights="none", recipe="scratch", epochs=[1, 1, 1, 2], lr=1e-3, dropout=0.1,
                     batch_size=8, image_size=128, max_size=256, global_size=128, max_regions=48)

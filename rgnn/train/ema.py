@@ -1,6 +1,6 @@
 """An exponential moving average (EMA) of a model's weights, evaluated beside the raw weights.
 
-Not in the paper (issue 15): a common aid when the last weights of a stage are noisy. After every
+Not in the paper: a common aid when the last weights of a stage are noisy. After every
 update, shadow <- d x shadow + (1 - d) x weights with d = min(decay, (1 + n) / (10 + n)) at the n-th
 update (the warm-up keeps a short stage from being dominated by its starting weights). Integer
 buffers are not averaged. The shadow is a dict of tensors: it goes into checkpoints as is.

@@ -31,7 +31,6 @@ appear only in val, so every val object is a photograph the model never saw. Det
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +38,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from rgnn.cli import user_errors
-from rgnn.data.synthetic import SPLITS, write_split
+from rgnn.data.synthetic import SPLITS, generator_cli, write_split
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 BACKGROUNDS = Path("/usr/share/backgrounds/mate/nature")
@@ -247,20 +245,9 @@ def generate(out_dir: str | Path, train: int = 600, val: int = 200, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m rgnn.data.photos", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (COCO 2017 layout)")
-    p.add_argument("--train", type=int, default=600, help="number of training images (default 600)")
-    p.add_argument("--val", type=int, default=200, help="number of validation images (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: images and the instance split (default 0)")
-    p.add_argument("--variant", choices=tuple(GROUPINGS), default="main",
-                   help="main: 12 classes by the stamps' folders; alt: 12 other groupings, the other backgrounds")
-    a = p.parse_args(argv)
-    if a.train < 0 or a.val < 0:
-        p.error("--train and --val must be >= 0")
-    with user_errors():
-        out = generate(a.out, a.train, a.val, a.seed, a.variant)
-    print(f"wrote {a.train} train + {a.val} val images to {out}")
+    generator_cli(generate, "python -m rgnn.data.photos", __doc__, (600, 200), tuple(GROUPINGS),
+                  "main: 12 classes by the stamps' folders (default); alt: 12 other groupings, the other backgrounds",
+                  argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from rgnn.cli import user_errors
 from rgnn.io.storage import write_text
 
 SHAPES = ("disc", "square", "triangle", "diamond", "cross")
@@ -262,18 +263,27 @@ def generate(out_dir: str | Path, train: int = 200, val: int = 50, seed: int = 0
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m rgnn.data.synthetic", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def generator_cli(generate, prog: str, doc: str, sizes: tuple[int, int], variants: tuple[str, ...],
+                  variant_help: str, argv: list[str] | None) -> Path:
+    """The command line of a generated set: `generate(out, train, val, seed, variant)` from flags."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO 2017 layout)")
-    p.add_argument("--train", type=int, default=200, help="number of training images (default 200)")
-    p.add_argument("--val", type=int, default=50, help="number of validation images (default 50)")
+    p.add_argument("--train", type=int, default=sizes[0], help=f"number of training images (default {sizes[0]})")
+    p.add_argument("--val", type=int, default=sizes[1], help=f"number of validation images (default {sizes[1]})")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
-    p.add_argument("--variant", choices=tuple(VARIANTS), default="shapes",
-                   help="shapes: the built-in set; glyphs: 8 letter and digit classes, solid colours (default shapes)")
+    p.add_argument("--variant", choices=variants, default=variants[0], help=variant_help)
     a = p.parse_args(argv)
-    out = generate(a.out, a.train, a.val, a.seed, a.variant)
+    if a.train < 0 or a.val < 0:
+        p.error("--train and --val must be >= 0")
+    with user_errors():
+        out = generate(a.out, a.train, a.val, a.seed, a.variant)
     print(f"wrote {a.train} train + {a.val} val images to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    generator_cli(generate, "python -m rgnn.data.synthetic", __doc__, (200, 50), tuple(VARIANTS),
+                  "shapes: the built-in set; glyphs: 8 letter and digit classes, solid colours (default shapes)", argv)
 
 
 if __name__ == "__main__":

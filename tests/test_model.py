@@ -134,7 +134,7 @@ def test_only_gate_parameters_train_in_stage_3():
     torch.manual_seed(0)
     model = RGNN(ModelConfig(num_classes=C)).train()
     params = set_trainable(model, "gates")
-    assert params == model.gate_parameters() and len(params) == 2
+    assert params == list(model.gate.parameters()) and len(params) == 2
     stage_loss(model, "gates", make_batch()).backward()
     for name, p in model.named_parameters():
         if name.startswith("gate."):
@@ -305,7 +305,7 @@ def test_state_dict_keys_are_stable():
     assert shapes["classifier.0.weight"] == (512, 5 * C)
     none = RGNN(ModelConfig(num_classes=C, gate="none"))
     assert sorted(none.state_dict()) == [k for k in SMALL_REGION_KEYS if not k.startswith("gate.")]
-    assert none.gate_parameters() == []
+    assert none.gate is None
 
 
 def test_imagenet_weights_load_from_the_torch_cache(tmp_path, monkeypatch):

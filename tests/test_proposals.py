@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rgnn.boxes import box_iou
-from rgnn.data.proposals import (EdgeBoxes, ProposalParams, compute_orientation, edge_boxes, edge_nms,
+from rgnn.data.proposals import (EdgeBoxes, ProposalParams, compute_orientation, edge_nms,
                             gradient_edges, proposal_recall)
 
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 70, 230), (240, 220, 40), (250, 250, 250), (15, 15, 15)]
@@ -111,8 +111,8 @@ def test_recall_on_builtin_synthetic_set(synthetic_root):
 
 def test_max_boxes_keeps_the_best_boxes(scenes):
     img = scenes[0][0]
-    many, many_scores = edge_boxes(img)
-    few, few_scores = edge_boxes(img, ProposalParams(max_boxes=5))
+    many, many_scores = EdgeBoxes()(img)
+    few, few_scores = EdgeBoxes(ProposalParams(max_boxes=5))(img)
     assert 0 < len(few) <= 5 < len(many)
     np.testing.assert_array_equal(few, many[:len(few)])  # the search's NMS keeps boxes best first
     np.testing.assert_array_equal(few_scores, many_scores[:len(few)])
@@ -148,13 +148,13 @@ def test_grayscale_input(scenes):
 @pytest.mark.parametrize("shape", [(1, 1), (1, 1, 3), (2, 3, 3), (16, 16, 3), (16, 16), (1, 40, 3), (40, 2)])
 def test_tiny_images_do_not_crash(shape):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    check_contract(*edge_boxes(img), *shape[:2])
+    check_contract(*EdgeBoxes()(img), *shape[:2])
 
 
 @pytest.mark.parametrize("value", [0, 128, 255])
 def test_blank_image_has_no_boxes(value):
     for shape in ((120, 160, 3), (120, 160)):
-        boxes, scores = edge_boxes(np.full(shape, value, np.uint8))
+        boxes, scores = EdgeBoxes()(np.full(shape, value, np.uint8))
         assert boxes.shape == (0, 4) and scores.shape == (0,)
         assert boxes.dtype == np.float32 and scores.dtype == np.float32
 
@@ -164,13 +164,13 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere/model.yml.gz"):
         EdgeBoxes(edge_model=str(missing))
     with pytest.raises(FileNotFoundError, match="model.yml.gz"):
-        edge_boxes(np.zeros((8, 8, 3), np.uint8), edge_model=missing)
+        EdgeBoxes(edge_model=missing)(np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        edge_boxes(np.zeros((8, 8, 3), np.float32))
+        EdgeBoxes()(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"\[8, 8, 4\]"):
-        edge_boxes(np.zeros((8, 8, 4), np.uint8))
+        EdgeBoxes()(np.zeros((8, 8, 4), np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 8\]"):
-        edge_boxes(np.zeros((0, 8), np.uint8))
+        EdgeBoxes()(np.zeros((0, 8), np.uint8))
 
 
 @pytest.mark.parametrize("field, value", [("alpha", 1.0), ("beta", 0.0), ("max_boxes", 0), ("max_boxes", 2.5),

@@ -273,12 +273,6 @@ class EdgeBoxes:
         return f"EdgeBoxes(params={self.params}, edge_model={self.edge_model!r})"
 
 
-def edge_boxes(image: np.ndarray, params: ProposalParams = ProposalParams(),
-               edge_model: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One-shot `EdgeBoxes(params, edge_model)(image)`: boxes float32[T, 4] x1 y1 x2 y2, scores float32[T]."""
-    return EdgeBoxes(params, edge_model)(image)
-
-
 def proposal_recall(proposals: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray],
                     iou_threshold: float = 0.5) -> float:
     """Fraction of ground-truth boxes covered by a proposal with IoU > `iou_threshold` (the usual

@@ -147,9 +147,6 @@ class RGNN(nn.Module):
         return {"fc6": self.backbone.fc6_dim, "fc7": self.backbone.fc7_dim}.get(self.cfg.pool_layer,
                                                                               self.cfg.num_classes)
 
-    def gate_parameters(self) -> list[nn.Parameter]:
-        return [] if self.gate is None else list(self.gate.parameters())
-
     def _gated(self, open_gates: bool) -> bool:
         return self.gate is not None and not open_gates
 

@@ -252,7 +252,6 @@ def _path(name: str) -> tuple[str, ...]:
 
 # The recipes (flat names), each default decided by what it depends on:
 # - the data source: the backbone, its weights and the number of epochs;
-WEIGHTS = ("none", "imagenet", "standin")  # or the path of a state_dict
 PAPER_EPOCHS = [10, 10, 10, 20]  # section 4.2
 GENERATED_SIZES = {"synthetic": (1200, 300), "photos": (600, 200)}  # train, val images
 BUILTIN_EPOCHS = [4, 4, 4, 8]  # 1200 images on 2 CPU cores; stages 3 and 4 for the gates to learn (README: gate ROC-AUC)

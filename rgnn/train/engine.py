@@ -18,6 +18,7 @@ from rgnn.data.transforms import Batch
 from rgnn.nn.losses import (balanced_multilabel_loss, batch_targets, localization_loss, multitask_loss, object_regions,
                          region_targets)
 from rgnn.nn.model import RGNN, RGNNOutput
+from rgnn.train.schedule import STAGES
 
 
 class StageModel(nn.Module):
@@ -67,8 +68,10 @@ def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_clas
     if stage in ("gates", "joint") and out.gates is not None:
         targets = region_targets(out, batch.gt_boxes, batch.gt_classes, num_classes, class_aware)
         loss_loc = localization_loss(out.gates, targets, out.image_index, len(batch.boxes))
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
     loss = {"global": loss_cls, "regional": loss_cls, "gates": loss_loc}.get(stage)
-    if loss is None:
+    if stage == "joint":
         loss = multitask_loss(loss_cls, loss_loc, lam)
     return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_loc": loss_loc.detach()}
 

@@ -4,7 +4,7 @@ rate against the training step's.
     python benchmarks/train_throughput.py [--stage joint] [--steps 12] [--out FILE]
 
 Data: the built-in synthetic set's shards with the demo's defaults (rgnn.train.config: small backbone,
-shorter side 192, T = 64, batch 16 per worker), built on first use by cluster/data.py. Each worker
+shorter side 192, T = 128, batch 16 per worker), built on first use by cluster/data.py. Each worker
 decodes its batches before the clock starts, so the training rate is the step's alone (forward,
 eq. 9's loss, backward, DDP all-reduce, Adam). The pipeline rate is one process reading shards,
 decoding, resizing and collating (`rgnn.data.shards.shard_loader`, no DataLoader workers), the

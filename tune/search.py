@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _close_trial_runs(client, grid, parent: str) -> None:
     """A trial that ASHA stops is killed inside its training, leaving its MLflow run RUNNING or
-    FAILED (train() marks a run FINISHED only when every epoch ran): mark those KILLED."""
+    FAILED (fit() marks a run FINISHED only when every epoch ran): mark those KILLED."""
     experiment = client.get_run(parent).info.experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")}
     for result in grid:

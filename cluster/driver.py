@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from cluster.data import prepare_shards
 from cluster.loop import train_loop_per_worker
-from cluster.ray_setup import init_ray
+from cluster.ray_setup import check_address, init_ray
 from rgnn.io import storage
 from rgnn.io.checkpoint import CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint
 from rgnn.io.redaction import redact
@@ -114,7 +115,9 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     run_dir = storage.join(storage_path, c.name)
     if c.resume and not storage.isdir(run_dir):
         raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage_path}")
-    init_ray(c.address)  # a head that does not answer fails here, before any shard is built
+    if c.address:  # every Ray this process joins, the shard build's included
+        os.environ["RAY_ADDRESS"] = c.address
+    check_address(c.address)  # a head that does not answer fails here, before any shard is built
     train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
     class_names = shards.class_names(train_dir)
     if class_names != shards.class_names(val_dir):
@@ -127,6 +130,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     if cfg.model.weights == "standin":  # built once here (with progress), found in the cache by the workers
         print(f"backbone weights: {pretrained_weights(cfg.data.cache_dir)}", flush=True)
 
+    init_ray(c.address)
     c.workers, gpus = scaling(c, ray.cluster_resources().get("GPU", 0))
     tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
             "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,

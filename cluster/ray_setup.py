@@ -27,6 +27,17 @@ def _answers(address: str) -> bool:
         return False
 
 
+def check_address(address: str | None = None) -> str | None:
+    """`address`, else RAY_ADDRESS (None if neither is given); ConnectionError, within seconds, when it
+    names a head that does not answer (ray.init() would wait minutes on it). Starts nothing."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given and given not in ("auto", "local") and not _answers(given):
+        where = "--address" if address else "RAY_ADDRESS"
+        raise ConnectionError(f"the Ray cluster at {given} ({where}) does not answer: start its head "
+                              f"(ray start --head) or give the address of a running one")
+    return given
+
+
 def _recorded_local_head() -> str | None:
     try:
         return CURRENT_CLUSTER.read_text().strip() or None
@@ -53,13 +64,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, include_da
     if ray.is_initialized():
         return
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    given = address or os.environ.get("RAY_ADDRESS")
-    if given and given not in ("auto", "local"):
-        if not _answers(given):
-            where = "--address" if address else "RAY_ADDRESS"
-            raise ConnectionError(f"the Ray cluster at {given} ({where}) does not answer: start its head "
-                                  f"(ray start --head) or give the address of a running one")
-    elif not given and num_cpus is None:
+    given = check_address(address)
+    if not given and num_cpus is None:
         stale = _recorded_local_head()
         if stale and not _answers(stale):  # a head killed without `ray stop`: ray.init() would wait on it
             log.warning("the local Ray head recorded in %s (%s) is gone: starting a new local Ray", CURRENT_CLUSTER, stale)

@@ -72,6 +72,9 @@ def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="differ"):
         fit(cfg)
+    import ray
+
+    assert not ray.is_initialized()  # refused before any Ray starts (one left behind would confuse later Rays)
 
 
 def test_a_loss_that_does_not_fall_is_named_loudly():

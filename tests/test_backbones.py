@@ -4,13 +4,13 @@ network, the frozen blocks stay frozen, the download path (file:// URLs) and its
 from __future__ import annotations
 
 import hashlib
-import socket
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import services
 from rgnn.nn import backbones
 from rgnn.nn.backbones import _read_state_dict, build_backbone, efficientnet_lite0, imagenet_file, normalisation
 from rgnn.nn.losses import balanced_multilabel_loss
@@ -133,9 +133,7 @@ def test_torchvision_weights_are_downloaded_into_the_hub_cache_and_hash_checked(
 def test_offline_the_weights_error_names_the_file_url_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     folder = tmp_path / "hub" / "checkpoints"
-    with socket.socket() as s:  # a port nothing listens on: the connection is refused at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = services.free_port()  # nothing listens there: the connection is refused at once
     for name, file in [("vgg16", "vgg16-397923af.pth"), ("resnet50", "resnet50-11ad3fa6.pth")]:
         assert backbones.IMAGENET_URLS[name] == f"https://download.pytorch.org/models/{file}"
         url = f"http://127.0.0.1:{port}/models/{file}"

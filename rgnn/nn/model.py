@@ -118,6 +118,24 @@ class RGNNOutput:
                    torch.ones(N, device=logits.device))
 
 
+@dataclass
+class RegionFeatures:
+    """The regions' half of the model (`RGNN.forward_features`) for N images with R regions in all.
+
+    Attributes:
+        h6: Tensor[R, fc6_dim]; h7: Tensor[R, fc7_dim] (the gate input u_i), or None where nothing reads it.
+        boxes, image_index, area_ratio: as RGNNOutput's.
+        num_images: N.
+    """
+
+    h6: Tensor
+    h7: Tensor | None
+    boxes: Tensor
+    image_index: Tensor
+    area_ratio: Tensor
+    num_images: int
+
+
 class RGNN(nn.Module):
     """See the module docstring. Parts: `backbone` (trunk, fc6, fc7), `fc8`, `gate`, `pool`, `classifier`."""
 
@@ -225,42 +243,52 @@ class RGNN(nn.Module):
         logits = self.fc8(h7)  # (R, C)
         return F.relu(logits) if layer == "fc8" else torch.softmax(logits, dim=1)
 
-    def forward(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor], open_gates: bool = False,
-                fixed_gates: Tensor | None = None) -> RGNNOutput:
-        """The regional path (stages 2-4).
+    def forward_features(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor],
+                         open_gates: bool = False) -> RegionFeatures:
+        """The regions' half: the shared trunk once per image, one RoI call for the batch, fc6 and fc7.
 
         Args:
             images: Tensor[N, 3, H, W], normalised, zero-padded at the bottom and right.
             image_sizes: long Tensor[N, 2], (h, w) of each unpadded image.
             boxes: N x float Tensor[T_i, 4], x1 y1 x2 y2 in the pixels of `images` (T_i may be 0).
-            open_gates: gates fixed at 1 and not run (stage 2).
-            fixed_gates: Tensor[R], region-level gate values to use instead of the gate unit's (the
-                ablation's oracle: eq. 8's targets); R counts every region, whole images included.
+            open_gates: as `forward`'s (fc7 is skipped when nothing reads it).
         """
-        N, _, H, W = images.shape
+        N = len(images)
         if len(boxes) != N:
             raise ValueError(f"got {len(boxes)} box lists for {N} images")
         all_boxes, image_index, area_ratio = self.regions(image_sizes, boxes, images.device, images.dtype)
         rois = torch.cat([image_index.unsqueeze(1).to(images.dtype), all_boxes], 1)  # (R, 5)
         b = self.backbone
         h6 = b.fc6(b.region_inputs(b(images), rois))  # (R, fc6_dim): one RoI call, batched FC layers
-        gated = self._gated(open_gates)
-        h7 = b.fc7(h6) if self._runs_fc7(gated) else None  # (R, fc7_dim): u_i
-        x = self._pooled_layer(h6, h7)  # (R, D)
-        gates = self.gate(h7) if gated else fixed_gates  # (R,) or (R, D)
+        h7 = b.fc7(h6) if self._runs_fc7(self._gated(open_gates)) else None  # (R, fc7_dim): u_i
+        return RegionFeatures(h6, h7, all_boxes, image_index, area_ratio, N)
+
+    def forward_head(self, f: RegionFeatures, open_gates: bool = False,
+                     fixed_gates: Tensor | None = None) -> RGNNOutput:
+        """The gating half: the pooled layer x_i, its gate, cross-region max pooling, the classifier."""
+        x = self._pooled_layer(f.h6, f.h7)  # (R, D)
+        gates = self.gate(f.h7) if self._gated(open_gates) else fixed_gates  # (R,) or (R, D)
         if gates is not None:
             x = apply_gate(x, gates)  # eq. 2 / eq. 4
-        z = self.pool(x, area_ratio, image_index, N)  # (N, scales*D)
-        return RGNNOutput(self.classifier(z), gates, all_boxes, image_index, area_ratio)
+        z = self.pool(x, f.area_ratio, f.image_index, f.num_images)  # (N, scales*D)
+        return RGNNOutput(self.classifier(z), gates, f.boxes, f.image_index, f.area_ratio)
+
+    def forward(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor], open_gates: bool = False,
+                fixed_gates: Tensor | None = None) -> RGNNOutput:
+        """The regional path (stages 2-4): `forward_head(forward_features(...))`.
+
+        Args:
+            images, image_sizes, boxes: as `forward_features`'.
+            open_gates: gates fixed at 1 and not run (stage 2).
+            fixed_gates: Tensor[R], region-level gate values to use instead of the gate unit's (the
+                ablation's oracle: eq. 8's targets); R counts every region, whole images included.
+        """
+        return self.forward_head(self.forward_features(images, image_sizes, boxes, open_gates), open_gates,
+                                 fixed_gates)
 
     def forward_global(self, images: Tensor) -> Tensor:
-        """Stage 1 and the global baseline: Tensor[N, 3, H, W] (size-normalised) -> fc8 logits Tensor[N, C].
-
-        The whole feature map is pooled to the RoI op's output size and goes through the same
-        fc6/fc7/fc8 as the regions, so stage 1 initialises stage 2 (section 4.2).
-        """
-        b = self.backbone
-        return self.fc8(b.fc7(b.fc6(b.global_inputs(b(images)))))
+        """Stage 1 and the global baseline: Tensor[N, 3, H, W] (size-normalised) -> fc8 logits Tensor[N, C]."""
+        return self.fc8(self.backbone.global_features(images))
 
     def extra_repr(self) -> str:
         c = self.cfg

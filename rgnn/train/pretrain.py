@@ -211,8 +211,7 @@ class CropClassifier(nn.Module):
         self.head = xavier_linear(backbone.fc7_dim, len(LABELS))
 
     def forward(self, images: Tensor) -> Tensor:
-        b = self.backbone
-        return self.head(b.fc7(b.fc6(b.global_inputs(b(images)))))
+        return self.head(self.backbone.global_features(images))
 
 
 @torch.no_grad()

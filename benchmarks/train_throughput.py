@@ -1,7 +1,7 @@
 """Training throughput with 1 and 2 DDP workers (gloo, one thread each), and the input pipeline's
 rate against the training step's.
 
-    python benchmarks/train_throughput.py [--stage joint] [--steps 12] [--out FILE]
+    python benchmarks/train_throughput.py [--stage joint] [--steps 12] [--tiny] [--out FILE]
 
 Data: the built-in synthetic set's shards with the demo's defaults (rgnn.train.config: small backbone,
 shorter side 192, T = 128, batch 16 per worker), built on first use by cluster/data.py. Each worker
@@ -10,6 +10,9 @@ eq. 9's loss, backward, DDP all-reduce, Adam). The pipeline rate is one process 
 decoding, resizing and collating (`rgnn.data.shards.shard_loader`, no DataLoader workers), the
 same work a training worker's loader does. Targets: scaling efficiency = 2-worker rate /
 (2 x 1-worker rate) >= 0.8; pipeline >= 3x the 1-worker training rate. Prints and writes JSON.
+`--tiny` (CI): 8 synthetic images at a 96-pixel shorter side, T = 16, 2 images per worker, random
+weights, the shards built in this process (no Ray) in a temporary folder: a check that it runs,
+not a speed.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import itertools
 import os
 import platform
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +32,22 @@ import torch.multiprocessing as mp
 from cluster.data import prepare_shards
 from report import RESULTS, write_result
 from rgnn.train.config import TrainConfig, resolve
-from rgnn.data import shards
+from rgnn.data import shards, synthetic
+from rgnn.data.coco import read_coco
+from rgnn.data.proposals import ProposalParams
 from rgnn.data.transforms import Preprocess
 from rgnn.train.engine import StageModel, train_one_epoch
 from rgnn.nn.model import RGNN
 from rgnn.train.schedule import set_trainable
 from rgnn.train.stages import model_config
+from sharding.job import build_shards
 
 TARGET_EFFICIENCY = 0.8
 TARGET_PIPELINE = 3.0
+# --tiny: the demo's small CNN at a tiny input, on a tiny set, with random weights (the stand-in's
+# would be pretrained first when missing; the step's cost does not depend on the values)
+TINY = dict(weights="none", batch_size=2, image_size=96, max_size=128, global_size=96, max_regions=16)
+TINY_IMAGES = 8
 
 
 def loader(cfg: TrainConfig, split_dir: Path, stage: str, rank: int = 0, world: int = 1):
@@ -81,6 +92,14 @@ def train_rate(cfg: TrainConfig, split_dir: Path, stage: str, world: int, steps:
     return results.get()
 
 
+def tiny_shards(cfg: TrainConfig, folder: Path) -> Path:
+    """The train split of a TINY_IMAGES-image synthetic set under `folder`, as shards of T proposals
+    built in this process."""
+    root = synthetic.generate(folder / "synthetic", train=TINY_IMAGES, val=2, seed=cfg.schedule.seed)
+    return Path(build_shards(read_coco(root, cfg.data.train_split), folder / "shards", actors=0,
+                             params=ProposalParams(max_boxes=cfg.input.stored_proposals), progress=False))
+
+
 def pipeline_rate(cfg: TrainConfig, split_dir: Path, stage: str, batches: int) -> float:
     """Images/s of one process reading, decoding, resizing and collating shards."""
     torch.set_num_threads(1)
@@ -99,15 +118,25 @@ def main(argv: list[str] | None = None) -> dict:
                    help="which stage's step to time")
     p.add_argument("--steps", type=int, default=12, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--tiny", action="store_true", help="a tiny set and input, shards built without Ray (CI)")
     p.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     args = p.parse_args(argv)
-    cfg = resolve(TrainConfig())
-    train_dir, _ = prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
-    one = train_rate(cfg, train_dir, args.stage, 1, args.steps, args.warmup)
-    two = train_rate(cfg, train_dir, args.stage, 2, args.steps, args.warmup)
-    pipe = pipeline_rate(cfg, train_dir, args.stage, args.steps)
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
+    cfg = TrainConfig()
+    for name, value in (TINY if args.tiny else {}).items():
+        cfg.set(name, value)
+    cfg = resolve(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            train_dir = tiny_shards(cfg, Path(tmp))
+        else:
+            train_dir, _ = prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
+        one = train_rate(cfg, train_dir, args.stage, 1, args.steps, args.warmup)
+        two = train_rate(cfg, train_dir, args.stage, 2, args.steps, args.warmup)
+        pipe = pipeline_rate(cfg, train_dir, args.stage, args.steps)
     result = {
-        "stage": args.stage, "backbone": cfg.model.backbone, "batch_per_worker": cfg.schedule.batch_size,
+        "stage": args.stage, "tiny": args.tiny, "backbone": cfg.model.backbone, "batch_per_worker": cfg.schedule.batch_size,
         "image_size": cfg.input.image_size, "max_regions": cfg.input.max_regions, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "train_images_per_s_1_worker": round(one, 2), "train_images_per_s_2_workers": round(two, 2),

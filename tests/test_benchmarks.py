@@ -1,11 +1,18 @@
-"""The GPU step benchmark runs end to end in its tiny CPU setting (no speed is asserted here)."""
+"""Every benchmark runs end to end in its tiny CPU setting, and prints its figures (no speed is
+asserted here: a figure must be there and finite, not fast)."""
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+NUMBER = r"([-+0-9.eE]+|nan|inf)"
 
 
 def test_gpu_step_benchmark_quick_on_cpu(tmp_path, monkeypatch):
@@ -46,3 +53,46 @@ def test_model_step_benchmark_tiny_with_efficientnet(tmp_path, monkeypatch):
     assert [(r["backbone"], r["T"]) for r in rows] == [("small", 16), ("efficientnet_lite0", 16)]
     assert all(r["rgnn_step_s"] > 0 and r["global_step_s"] > 0 for r in rows)
     sys.modules.pop("model_step", None)
+
+
+def _script(name: str, *args: str) -> str:
+    """The stdout of `python benchmarks/<name>.py *args`, run from the checkout without Ray."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout
+
+
+def _figures(pattern: str, text: str) -> list[float]:
+    """The numbers of `pattern`'s groups on the line it matches, each finite and positive."""
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"{pattern!r} not in:\n{text}"
+    values = [float(g) for g in match.groups()]
+    assert all(math.isfinite(v) and v > 0 for v in values), (pattern, values)
+    return values
+
+
+def test_proposals_benchmark_tiny(tmp_path):
+    out = tmp_path / "proposals.json"
+    text = _script("proposals", "--images", "2", "--size", "160,120", "--no-photos", "--shard-images", "4",
+                   "--shard-actors", "0", "--out", str(out))
+    *_, r50, r70 = _figures(
+        rf"^\s+synthetic\s+160x120\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", text)
+    assert r50 <= 1 and r70 <= r50
+    _figures(rf"^synthetic: {NUMBER} images/s on one core", text)
+    _figures(rf"^shard job, in this process: 4 images 160x120 in {NUMBER} s, {NUMBER} images/s$", text)
+    result = json.loads(out.read_text())
+    assert result["proposals"]["rows"]["synthetic"]["images"] == 2 and "photos" not in result["proposals"]["rows"]
+    assert result["shard_job"]["ray_cpus"] is None and list(result["shard_job"]["actors"]) == ["0"]
+
+
+def test_train_throughput_benchmark_tiny(tmp_path):
+    out = tmp_path / "train_throughput.json"
+    text = _script("train_throughput", "--tiny", "--steps", "1", "--warmup", "1", "--out", str(out))
+    assert re.search(r"^joint stage, small backbone, batch 2/worker, shorter side 96, T=16", text, re.MULTILINE), text
+    _figures(rf"^  training, 1 worker : +{NUMBER} images/s$", text)
+    _figures(rf"^  training, 2 workers: +{NUMBER} images/s   scaling efficiency {NUMBER} ", text)
+    _figures(rf"^  input pipeline     : +{NUMBER} images/s   {NUMBER}x the 1-worker", text)
+    result = json.loads(out.read_text())
+    assert result["tiny"] and result["batch_per_worker"] == 2 and result["max_regions"] == 16

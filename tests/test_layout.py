@@ -132,6 +132,11 @@ def test_redaction_and_storage_load_no_torch():
     assert "torch" not in imported_by(["rgnn.io.redaction", "rgnn.io.storage"])
 
 
+def test_the_shard_format_loads_no_torch():
+    """The writer (the sharding actors) and the reader share rgnn.data.shardformat: it must stay torch-free."""
+    assert "torch" not in imported_by(["rgnn.data.shardformat"])
+
+
 def test_the_sharding_actors_code_does_not_load_torch():
     """Its actors start in about half the time and memory without torch (sharding/job.py)."""
     code = "import sys, sharding.build_shards, sharding.job\nprint('torch' in sys.modules)"

@@ -25,11 +25,11 @@ import re
 import time
 from pathlib import Path
 
-from cluster.ray_setup import init_ray
 from rgnn.cli import user_errors
 from rgnn.data.proposals import ProposalParams
 from rgnn.data.shardformat import MANIFEST, read_manifest
 from sharding.job import DEFAULT_SHARD_SIZE, build_shards
+from sharding.ray_setup import init_ray
 
 
 def parse_size(text: str) -> int:

@@ -29,7 +29,7 @@ How it works:
   manifest's reading and checks: rgnn.data.shardformat, which the reader (rgnn.data.shards) shares.
 
 Ray: `build_shards` joins the Ray that is initialised, or starts (or joins) one as
-`cluster.ray_setup.init_ray()` does; `actors=0` runs in this process, without Ray.
+`sharding.ray_setup.init_ray()` does; `actors=0` runs in this process, without Ray.
 """
 from __future__ import annotations
 
@@ -51,12 +51,12 @@ import cv2
 import ray
 from tqdm import tqdm
 
-from cluster.ray_setup import init_ray
 from rgnn.io import storage
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.data.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
 from rgnn.data.shardformat import MANIFEST, add_sample, check_shard, encode_sample, read_manifest, sample_key
+from sharding.ray_setup import init_ray
 from sharding.writer import exclusive, remove_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)

@@ -155,7 +155,7 @@ def bench_shard_job(n_images: int = 384, size: tuple[int, int] = (500, 375), act
         target_speedup.
     """
     import ray  # noqa: PLC0415 (only this part of the benchmark needs Ray)
-    from cluster.ray_setup import init_ray  # noqa: PLC0415
+    from sharding.ray_setup import init_ray  # noqa: PLC0415
     from sharding.job import build_shards, plan_shards  # noqa: PLC0415
 
     on_ray = any(actor_counts)

@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from cluster.data import prepare_shards
 from cluster.loop import train_loop_per_worker
-from cluster.ray_setup import check_address, init_ray
+from sharding.ray_setup import check_address, init_ray
 from rgnn.io import storage
 from rgnn.io.checkpoint import CHECKPOINT_FILE, check_classes, checkpoint_classes, resolve_checkpoint
 from rgnn.io.redaction import redact

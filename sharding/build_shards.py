@@ -25,10 +25,11 @@ import re
 import time
 from pathlib import Path
 
-from cluster.ray_setup import init_ray
 from rgnn.cli import user_errors
 from rgnn.data.proposals import ProposalParams
-from sharding.job import DEFAULT_SHARD_SIZE, build_shards, reader
+from rgnn.data.shardformat import MANIFEST, read_manifest
+from sharding.job import DEFAULT_SHARD_SIZE, build_shards
+from sharding.ray_setup import init_ray
 
 
 def parse_size(text: str) -> int:
@@ -96,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         split_dir = build_shards(labeled, a.out, actors=a.actors, params=params, shard_size=a.shard_size,
                                  edge_model=a.edge_model, limit=a.limit, progress=not a.no_progress)
-        m = reader().read_manifest(split_dir)
+        m = read_manifest(split_dir)
         print(f"{split_dir}: {m['samples']} samples in {len(m['shards'])} shards, {len(m['skipped'])} inputs "
-              f"skipped (listed in {reader().MANIFEST}), {time.time() - t0:.1f} s")
+              f"skipped (listed in {MANIFEST}), {time.time() - t0:.1f} s")
     print(recall_line(m))
 
 

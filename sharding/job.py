@@ -25,21 +25,20 @@ How it works:
   rest. A manifest written with other settings (data set, proposal parameters, shard size, limit) is
   replaced: everything is rebuilt.
 - Image bytes are stored as they are in the source file, never re-encoded: under `jpg` for JPEG
-  files, `png` for PNG files (other formats keep their own extension).
+  files, `png` for PNG files (other formats keep their own extension). The sample format, and the
+  manifest's reading and checks: rgnn.data.shardformat, which the reader (rgnn.data.shards) shares.
 
 Ray: `build_shards` joins the Ray that is initialised, or starts (or joins) one as
-`cluster.ray_setup.init_ray()` does; `actors=0` runs in this process, without Ray.
+`sharding.ray_setup.init_ray()` does; `actors=0` runs in this process, without Ray.
 """
 from __future__ import annotations
 
 import collections
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import sys
 import tarfile
 import time
@@ -49,15 +48,15 @@ from pathlib import Path
 from typing import Callable
 
 import cv2
-import numpy as np
 import ray
 from tqdm import tqdm
 
-from cluster.ray_setup import init_ray
 from rgnn.io import storage
 from rgnn.data.images import decode_image
 from rgnn.data.records import ImageRecord, LabeledSet
 from rgnn.data.proposals import EdgeBoxes, ProposalParams, add_counts, recall_counts, recall_summary
+from rgnn.data.shardformat import MANIFEST, add_sample, check_shard, encode_sample, read_manifest, sample_key
+from sharding.ray_setup import init_ray
 from sharding.writer import exclusive, remove_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)
@@ -95,12 +94,6 @@ class ShardTask:
         return h.hexdigest()[:16]
 
 
-def sample_key(image_id: int | str) -> str:
-    """The WebDataset key of an image: its id, with anything but letters, digits, `_` and `-`
-    (dots would split the key from the field names) replaced by `_`."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", str(image_id))
-
-
 def plan_shards(records: list[ImageRecord], split: str, shard_size: int, max_boxes: int) -> list[ShardTask]:
     """Cut the records, in order, into shards of at most about `shard_size` bytes.
 
@@ -134,25 +127,9 @@ def plan_shards(records: list[ImageRecord], split: str, shard_size: int, max_box
     return [ShardTask(i, f"{split}-{i:06d}.tar", tuple(g)) for i, g in enumerate(groups)]
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def image_field(data: bytes, path: str) -> str:
-    """The sample field that holds an image's bytes: `jpg`, `png`, else the file's extension."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    ext = Path(path).suffix.lower().lstrip(".")
-    return {"jpeg": "jpg", "": "img"}.get(ext, ext)
-
-
 def make_sample(record: ImageRecord, proposer: Callable, recall_at: tuple[int, ...] = ()) -> tuple[dict, dict]:
-    """One shard sample (format: rgnn.data.shards) for a record, and its proposals' `recall_counts`
-    among the best k for each k of `recall_at`.
+    """One raw shard sample (rgnn.data.shardformat.encode_sample) for a record, and its proposals'
+    `recall_counts` among the best k for each k of `recall_at`.
 
     Raises:
         FileNotFoundError / OSError: the image file cannot be read.
@@ -164,31 +141,7 @@ def make_sample(record: ImageRecord, proposer: Callable, recall_at: tuple[int, .
     if (w, h) != (record.width, record.height):
         raise ValueError(f"{record.path}: image is {w}x{h} but the annotation says {record.width}x{record.height}")
     boxes, scores = proposer(image)
-    meta = {
-        "id": record.image_id if isinstance(record.image_id, str) else int(record.image_id),
-        "file": record.path, "width": w, "height": h, "labels": [int(c) for c in record.labels],
-        "gt_boxes": [[*map(float, b), int(c)] for b, c in zip(record.gt_boxes, record.gt_classes)],
-        "difficult": [bool(d) for d in record.difficult],
-    }
-    sample = {"__key__": sample_key(record.image_id), image_field(data, record.path): data,
-              "boxes.npy": _npy(np.asarray(boxes, np.float32).reshape(-1, 4)),
-              "scores.npy": _npy(np.asarray(scores, np.float32).reshape(-1)),
-              "json": json.dumps(meta).encode()}
-    return sample, recall_counts(boxes, record.gt_boxes, w, h, recall_at)
-
-
-def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
-    """Append one sample as WebDataset lays it out: members `<key>.<field>`, fields in sorted order.
-
-    Plain tarfile rather than webdataset's TarWriter, which loads torch: an actor then starts in
-    about half the time and memory. mtime 0 and fixed owners: the same inputs give the same bytes.
-    """
-    key = sample["__key__"]
-    for field in sorted(k for k in sample if k != "__key__"):
-        info = tarfile.TarInfo(f"{key}.{field}")
-        info.size, info.mtime, info.mode = len(sample[field]), 0, 0o444
-        info.uname = info.gname = "rgnn"
-        tar.addfile(info, io.BytesIO(sample[field]))
+    return encode_sample(record, data, boxes, scores), recall_counts(boxes, record.gt_boxes, w, h, recall_at)
 
 
 def write_shard(task: ShardTask, split_dir: str, params: ProposalParams, edge_model: str | None = None,
@@ -218,7 +171,7 @@ def write_shard(task: ShardTask, split_dir: str, params: ProposalParams, edge_mo
         for i, record in enumerate(task.records):
             try:
                 sample, found = make_sample(record, proposer, recall_at)
-                _add_sample(tar, sample)
+                add_sample(tar, sample)
                 add_counts(counts, found)
                 samples += 1
             except FileNotFoundError:
@@ -255,7 +208,7 @@ class ShardWorker:
 
     def __init__(self, params: ProposalParams, edge_model: str | None, split_dir: str, progress):
         cv2.setNumThreads(1)
-        if "torch" in sys.modules:  # nothing here loads torch (see reader); should anything, one thread
+        if "torch" in sys.modules:  # nothing here loads torch; should anything, one thread
             sys.modules["torch"].set_num_threads(1)
         self.params, self.edge_model = params, edge_model
         self.split_dir = split_dir
@@ -288,7 +241,7 @@ class _Manifest:
     """The manifest of one split, rewritten whole after every change."""
 
     def __init__(self, split_dir: str, labeled_set: LabeledSet, settings: dict, plan: list[ShardTask]):
-        self.path = f"{split_dir}/{reader().MANIFEST}"
+        self.path = f"{split_dir}/{MANIFEST}"
         self.split_dir = split_dir
         head = {**settings, "split": labeled_set.name.rsplit("/", 1)[-1],
                 "class_names": list(labeled_set.class_names),
@@ -301,7 +254,7 @@ class _Manifest:
     def resume(self, plan: list[ShardTask]) -> list[ShardTask]:
         """Keep the verified shards of a previous run with the same settings; return the rest."""
         try:
-            old = reader().read_manifest(self.split_dir)
+            old = read_manifest(self.split_dir)
         except FileNotFoundError:
             old = None
         except ValueError as e:
@@ -321,7 +274,7 @@ class _Manifest:
                 if task is None or e.get("inputs") != task.inputs:
                     continue
                 try:
-                    reader().check_shard(self.split_dir, e)
+                    check_shard(self.split_dir, e)
                 except (FileNotFoundError, ValueError) as err:
                     log.info("rebuilding: %s", err)
                     continue
@@ -346,14 +299,6 @@ class _Manifest:
                "skipped": self.read_skipped + [s for e in entries for s in e["skipped"]],
                "job": self.job}
         storage.write_bytes(self.path, json.dumps(doc, indent=1).encode())  # object store: one PUT
-
-
-def reader():
-    """rgnn.data.shards (manifest reading and shard checks), imported by the driver only: it loads
-    torch, which the actors never need."""
-    from rgnn.data import shards  # noqa: PLC0415
-
-    return shards
 
 
 def _run_inline(todo: list[ShardTask], manifest: _Manifest, params: ProposalParams, edge_model: str | None,

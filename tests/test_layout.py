@@ -10,7 +10,8 @@
 
 No module of rgnn/ imports Ray; only rgnn.tracking imports MLflow at module level (a command's `main`
 may import rgnn.tracking to log, and rgnn.io.checkpoint fetches a models:/ URI through MLflow when
-given one). The static rules are read from the source; the fresh-interpreter checks load the modules.
+given one). Outside rgnn/, sharding/ imports nothing of cluster/ (cluster/ builds shards through it).
+The static rules are read from the source; the fresh-interpreter checks load the modules.
 """
 from __future__ import annotations
 
@@ -130,6 +131,22 @@ def test_engine_and_model_load_neither_ray_nor_mlflow():
 def test_redaction_and_storage_load_no_torch():
     """A tracking URI or a storage path is redacted without loading torch or the model."""
     assert "torch" not in imported_by(["rgnn.io.redaction", "rgnn.io.storage"])
+
+
+def test_the_shard_format_loads_no_torch():
+    """The writer (the sharding actors) and the reader share rgnn.data.shardformat: it must stay torch-free."""
+    assert "torch" not in imported_by(["rgnn.data.shardformat"])
+
+
+def test_sharding_imports_nothing_of_cluster(tmp_path):
+    """cluster/ builds shards through sharding/; an import back (even inside a function) is a cycle."""
+    bad = tmp_path / "m.py"
+    bad.write_text("def start():\n    from cluster.ray_setup import init_ray\n")
+    assert "cluster.ray_setup" in all_imports(bad)  # the check sees an import inside a function
+    files = sorted((ROOT / "sharding").rglob("*.py"))
+    assert {"job.py", "build_shards.py", "ray_setup.py"} <= {f.name for f in files}
+    for path in files:
+        assert not any(n.split(".")[0] == "cluster" for n in all_imports(path)), path.relative_to(ROOT)
 
 
 def test_the_sharding_actors_code_does_not_load_torch():

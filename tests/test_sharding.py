@@ -15,7 +15,7 @@ import ray
 from rgnn.data import shards  # noqa: E402
 from rgnn.data.coco import read_coco  # noqa: E402
 from rgnn.data.proposals import ProposalParams  # noqa: E402
-from cluster.ray_setup import init_ray  # noqa: E402
+from sharding.ray_setup import init_ray  # noqa: E402
 from sharding.job import build_shards, plan_shards  # noqa: E402
 from test_shards import tar_samples  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""The shard format and the reading side (rgnn.data.shards). Shards are built in this process
-(`actors=0`, no Ray); tests/test_sharding.py runs the Ray job."""
+"""The shard format (rgnn.data.shardformat) and the reading side (rgnn.data.shards). Shards are built in
+this process (`actors=0`, no Ray); tests/test_sharding.py runs the Ray job."""
 import hashlib
 import io
 import os
@@ -16,7 +16,8 @@ import torch
 
 from rgnn.data import shards  # noqa: E402
 from rgnn.data.coco import read_coco  # noqa: E402
-from rgnn.data.records import LabeledSet  # noqa: E402
+from rgnn.data.records import ImageRecord, LabeledSet  # noqa: E402
+from rgnn.data.shardformat import add_sample, decode_sample, encode_sample  # noqa: E402
 from rgnn.data.transforms import InputConfig, Preprocess  # noqa: E402
 from rgnn.nn.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from rgnn.data.proposals import ProposalParams  # noqa: E402
@@ -272,6 +273,43 @@ def test_manifest_errors_name_the_file(tmp_path, built):
         shards.verify_shards(d)
     with pytest.raises(ValueError, match="incomplete"):
         load(d, batch_size=2)
+
+
+@pytest.mark.parametrize("ext, image_id", [(".jpg", "2008_000123.v2"), (".png", 17), (".webp", 5)])
+def test_a_written_sample_reads_back_as_written(tmp_path, ext, image_id):
+    """The writer's encoding (encode_sample, add_sample) through the reader's shard reading and decoding."""
+    pixels = np.random.default_rng(0).integers(0, 255, (12, 20, 3), np.uint8)
+    data = cv2.imencode(ext, pixels)[1].tobytes()
+    rec = ImageRecord(image_id, str(tmp_path / f"a{ext}"), 20, 12, [0, 3],
+                      np.array([[1, 2, 10.5, 11], [0, 0, 20, 12]], np.float32), np.array([3, 0], np.int64),
+                      np.array([False, True]))
+    boxes = np.random.default_rng(1).uniform(0, 12, (7, 4)).astype(np.float32)
+    scores = np.sort(np.random.default_rng(2).uniform(size=7))[::-1]  # float64: stored as float32
+    sample = encode_sample(rec, data, boxes, scores)
+    with tarfile.open(tmp_path / "x.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        add_sample(tar, sample)
+    (raw,) = shards._read_shard(str(tmp_path / "x.tar"), 1)
+    assert {k: v for k, v in raw.items() if not k.startswith("__")} == {k: v for k, v in sample.items() if k != "__key__"}
+    s = decode_sample(raw, "x.tar")
+    assert s.key == sample["__key__"] == str(image_id).replace(".", "_")
+    assert s.image_field == {".jpg": "jpg", ".png": "png", ".webp": "webp"}[ext] and s.image == data
+    assert s.boxes.dtype == s.scores.dtype == np.float32
+    np.testing.assert_array_equal(s.boxes, boxes)
+    np.testing.assert_array_equal(s.scores, scores.astype(np.float32))
+    got = s.record
+    assert (got.image_id, got.path, got.width, got.height, got.labels) == (image_id, rec.path, 20, 12, [0, 3])
+    np.testing.assert_array_equal(got.gt_boxes, rec.gt_boxes)
+    assert got.gt_classes.tolist() == [3, 0] and got.difficult.tolist() == [False, True]
+    assert json.loads(raw["json"]) == {"id": image_id, "file": rec.path, "width": 20, "height": 12, "labels": [0, 3],
+                                       "gt_boxes": [[1, 2, 10.5, 11, 3], [0, 0, 20, 12, 0]],
+                                       "difficult": [False, True]}
+
+
+def test_a_sample_missing_a_field_is_named():
+    sample = encode_sample(ImageRecord("a", "a.jpg", 1, 1, []), b"\xff\xd8\xff", np.zeros((0, 4)), np.zeros(0))
+    del sample["scores.npy"]
+    with pytest.raises(ValueError, match=r"x.tar sample 'a'.*scores.npy"):
+        decode_sample(sample, "x.tar")
 
 
 def test_png_source_keeps_its_bytes(tmp_path, synthetic_root):

@@ -109,7 +109,7 @@ def test_a_finished_trial_started_again_replays_its_reports_without_training(tmp
     from ray import tune
 
     from cluster.driver import RUN_ID_FILE
-    from cluster.ray_setup import init_ray
+    from sharding.ray_setup import init_ray
     from rgnn.tracking.runs import start_run
     from tune.search import replay_finished
 

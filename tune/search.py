@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cluster.data import prepare_shards
 from cluster.driver import fit, mlflow_run_id, resolve_storage
-from cluster.ray_setup import init_ray
+from sharding.ray_setup import init_ray
 from rgnn.io import storage
 from rgnn.io.redaction import redact
 from rgnn.train.config import TrainConfig, build_parser, config_from_args, resolve

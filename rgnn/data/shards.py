@@ -1,13 +1,7 @@
 """The training input pipeline: the WebDataset shards of sharding/build_shards.py -> `Batch`.
 
-Shard format: one sample per image, key = the image id, fields
-- `jpg` (JPEG sources) or `png` (PNG sources): the original file's bytes, never re-encoded; any
-  other source format keeps its own extension. The reader decodes whichever image field is there;
-- `boxes.npy`: float32 (T, 4) EdgeBoxes proposals x1 y1 x2 y2 in original pixels, by score desc;
-- `scores.npy`: float32 (T,);
-- `json`: {"id", "file", "width", "height", "labels", "gt_boxes": [[x1, y1, x2, y2, class], ...],
-  "difficult": [bool per gt box]}.
-`<split>/manifest.json` lists the shards with sample counts, sizes and sha256 checksums.
+Shard format (one sample per image: its image file's bytes, `boxes.npy`, `scores.npy`, `json`) and
+`<split>/manifest.json`: rgnn.data.shardformat, which sharding/ writes with.
 
 Reading:
 - training: the shard list is shuffled per epoch (seed + epoch), split by world rank, then by
@@ -26,10 +20,7 @@ No Ray here: this module runs in any PyTorch process.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import itertools
-import json
 import math
 import random
 import tarfile
@@ -37,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -45,65 +35,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from rgnn.io import storage
 from rgnn.data.images import decode_image
-from rgnn.data.records import ImageRecord
+from rgnn.data.shardformat import MANIFEST, check_shard, decode_sample, image_fields, read_manifest
 from rgnn.data.transforms import Batch, Preprocess, collate
 
-MANIFEST = "manifest.json"
-META_FIELDS = ("json", "boxes.npy", "scores.npy")
 SHUFFLE_BUFFER = 256  # raw samples (encoded image + proposals, ~100 KB each) per DataLoader worker
-
-
-def read_manifest(split_dir: str | Path) -> dict:
-    """The manifest of one split's shards (a local folder or an object-store URI).
-
-    Raises:
-        FileNotFoundError: no manifest.json in `split_dir` (or no such bucket).
-        ValueError: it does not parse, or is not a shard manifest (the message names the file).
-        PermissionError / ConnectionError: the object store refuses or does not answer (named).
-    """
-    path = storage.join(split_dir, MANIFEST)
-    try:
-        text = storage.read_bytes(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"shard manifest {e}") from None
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    missing = [k for k in ("class_names", "shards", "skipped", "records", "complete")
-               if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise ValueError(f"{path} is not a shard manifest (missing {missing})")
-    return manifest
-
-
-def file_sha256(path: str) -> str:
-    """sha256 hex digest of a file (local path or URI), streamed in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with storage.open_read(path) as f:
-        for block in iter(lambda: f.read(storage.BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_shard(split_dir: str | Path, entry: dict, checksum: bool = True) -> None:
-    """Check that one manifest entry's shard exists with its recorded size (and sha256); on an object
-    store the size is the object's metadata, the sha256 reads the object back (streamed).
-
-    Raises:
-        FileNotFoundError: the shard is missing.
-        ValueError: its size or checksum differs from the manifest (the message names the shard).
-    """
-    path = storage.join(split_dir, entry["name"])
-    if not storage.exists(path):
-        raise FileNotFoundError(f"shard missing: {path} (listed in {storage.join(split_dir, MANIFEST)})")
-    size = storage.size(path)
-    if size != entry["bytes"]:
-        raise ValueError(f"shard {path} is {size} bytes but the manifest says {entry['bytes']}: "
-                         "corrupt or incomplete; rerun sharding/build_shards.py to rebuild it")
-    if checksum and file_sha256(path) != entry["sha256"]:
-        raise ValueError(f"shard {path} does not match its manifest sha256: corrupt; "
-                         "rerun sharding/build_shards.py to rebuild it")
 
 
 def verify_shards(split_dir: str | Path) -> None:
@@ -150,36 +85,7 @@ def _steps(total: int, batch_size: int, world_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# One sample: decode, then the shared Preprocess
-
-
-def _image_fields(sample: dict) -> list[str]:
-    """The fields of a raw shard sample that are not metadata: its image (one, in a valid sample)."""
-    return [k for k in sample if not k.startswith("__") and k not in META_FIELDS]
-
-
-def _decode_sample(sample: dict, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, ImageRecord]:
-    """Raw shard sample -> (image uint8[H, W, 3], proposals f32[T, 4], scores f32[T], record)."""
-    name = f"{where} sample {sample.get('__key__')!r}"
-    image_fields = _image_fields(sample)
-    missing = [k for k in META_FIELDS if k not in sample] + ([] if image_fields else ["jpg"])
-    if missing or len(image_fields) > 1:
-        raise ValueError(f"{name}: expected fields {list(META_FIELDS)} and one image, got {sorted(sample)}")
-    try:
-        meta = json.loads(sample["json"])
-        boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
-        scores = np.load(io.BytesIO(sample["scores.npy"]), allow_pickle=False)
-        gt = np.asarray(meta["gt_boxes"], np.float32).reshape(-1, 5)  # (G, 5): x1 y1 x2 y2 class
-        record = ImageRecord(meta["id"], meta["file"], int(meta["width"]), int(meta["height"]),
-                             list(meta["labels"]), gt[:, :4], gt[:, 4].astype(np.int64),
-                             np.asarray(meta.get("difficult", [False] * len(gt)), bool))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ValueError(f"{name}: unreadable fields: {e!r}") from None
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (len(boxes),):
-        raise ValueError(f"{name}: boxes.npy {boxes.shape} and scores.npy {scores.shape} "
-                         "are not (T, 4) and (T,)")
-    image = decode_image(sample[image_fields[0]], name=f"{name}.{image_fields[0]}")
-    return image, boxes, scores, record
+# One sample: decode (rgnn.data.shardformat, then its image), then the shared Preprocess
 
 
 @dataclass(frozen=True)
@@ -190,8 +96,10 @@ class SampleTransform:
     preprocess: Preprocess
 
     def __call__(self, sample: dict, where: str) -> dict:
-        image, boxes, scores, rec = _decode_sample(sample, where)
-        p = self.preprocess(image, boxes, scores, rec.gt_boxes)
+        s = decode_sample(sample, where)
+        image = decode_image(s.image, name=f"{where} sample {s.key!r}.{s.image_field}")  # uint8 (H, W, 3)
+        rec = s.record
+        p = self.preprocess(image, s.boxes, s.scores, rec.gt_boxes)
         return {
             "image": p.image, "boxes": p.boxes,
             "target": torch.from_numpy(rec.target(self.num_classes)),
@@ -251,7 +159,7 @@ def first_image(split_dir: str | Path) -> bytes:
     entry = next(e for e in _readable_manifest(split_dir)["shards"] if e["samples"] > 0)
     with contextlib.closing(_read_shard(str(storage.join(split_dir, entry["name"])), entry["samples"])) as samples:
         sample = next(samples)
-    return sample[_image_fields(sample)[0]]
+    return sample[image_fields(sample)[0]]
 
 
 class ShardDataset(IterableDataset):

@@ -102,7 +102,7 @@ class ClusterConfig:
     init_checkpoint: str | None = None
     max_failures: int = 2
     verbose: bool = False  # Ray Train's per-report and checkpoint lines in the job's log
-    address: str | None = None  # the Ray cluster to join (else RAY_ADDRESS, else a local one: cluster.ray_setup)
+    address: str | None = None  # the Ray cluster to join (else RAY_ADDRESS, else a local one: sharding.ray_setup)
 
 
 @dataclass

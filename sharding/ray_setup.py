@@ -1,4 +1,9 @@
-"""Ray set-up, the one place: join a cluster or start a local Ray."""
+"""Ray set-up, the one place: join a cluster or start a local Ray.
+
+In sharding/, the lowest of the Ray packages: the sharding job and its command start Ray with it, and
+cluster/ and tune/, which build shards through sharding/, import it from here (sharding/ imports
+nothing of cluster/).
+"""
 from __future__ import annotations
 
 import logging

@@ -25,6 +25,7 @@ Each finished (row, seed) is saved to `<out>.rows.json` at once; a rerun with th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from cluster.data import prepare_shards
 from rgnn.train.config import TrainConfig, build_parser, config_from_args, resolve
 from rgnn.data import shards
 from rgnn.nn.model import RGNN
-from rgnn.io.storage import atomic_write, write_json, write_text
+from rgnn.io.checkpoint import STAGE1_KEYS, CheckpointPayload, check_classes, read_payload, write_payload
+from rgnn.io.storage import write_json, write_text
 from rgnn.tables import ap_table, to_markdown
 from rgnn.tracking.runs import RunLogger, parent_run, resolve_tracking_uri, start_run
 from rgnn.train.stages import Hooks, epoch_line, model_config, run_stages
@@ -98,16 +100,20 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
                     {"kind": "ablation", "dataset": base.dataset}, done, lambda: write_json(done_file, done)) as log:
         for seed in range(first, first + seeds):
             global_weights = out.with_name(f"{out.name}.global-seed{seed}.pt")
+            cfg = base.copy(epochs=[base.schedule.epochs[0], 0, 0, 0], gate="none", seed=seed)
+            global_model = model_config(cfg, len(names))
             if str(seed) not in results.get(GLOBAL, {}) or not global_weights.is_file():
-                cfg = base.copy(epochs=[base.schedule.epochs[0], 0, 0, 0], gate="none", seed=seed)
                 torch.manual_seed(seed)
-                model = RGNN(model_config(cfg, len(names))).to(device)
+                model = RGNN(global_model).to(device)
                 results.setdefault(GLOBAL, {})[str(seed)] = _train_row(GLOBAL, cfg, model, names, train_dir, val_dir,
                                                                       device, uri, log.run_id)
-                stage1 = {k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "fc8."))}
-                atomic_write(global_weights, lambda f: torch.save(stage1, f))
+                write_payload(global_weights, CheckpointPayload.of(model, names, "global"))
                 write_json(done_file, done)
-            start = torch.load(global_weights, map_location="cpu", weights_only=True)
+            # a file of an earlier version may hold the stage-1 weights alone: `fill` says what they are
+            stage1 = read_payload(global_weights, fill={"model_config": dataclasses.asdict(global_model),
+                                                        "class_names": names})
+            check_classes(stage1.class_names, names, str(global_weights))
+            start = {k: v for k, v in stage1.model.items() if k.startswith(STAGE1_KEYS)}
             for name in rows:
                 if str(seed) in results.get(name, {}):
                     continue

@@ -61,16 +61,16 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:  # a restart after a worker failure, or --resume
         with ckpt.as_directory() as d:
             payload = read_checkpoint(d)
-        check_classes(payload["class_names"], class_names, "checkpoint")
-        model.load_state_dict(payload["model"])
-        state = TrainState(**payload["state"])
+        check_classes(payload.class_names, class_names, "checkpoint")
+        model.load_state_dict(payload.model)
+        state = TrainState.from_payload(payload)
         if rank == 0:
             print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done",
                   file=sys.__stdout__, flush=True)
     elif cfg.cluster.init_checkpoint:
         payload = read_checkpoint(cfg.cluster.init_checkpoint)
-        check_classes(payload["class_names"], class_names, str(resolve_checkpoint(cfg.cluster.init_checkpoint)))
-        model.load_state_dict(payload["model"])
+        check_classes(payload.class_names, class_names, str(resolve_checkpoint(cfg.cluster.init_checkpoint)))
+        model.load_state_dict(payload.model)
     model.to(device)
     log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     nodes = [None] * world
@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(tmp, model, class_names, cfg.to_flat(redacted=True), state=state.to_dict(),
+                save_checkpoint(tmp, model, class_names, cfg.to_flat(redacted=True), **state.to_dict(),
                                 lambda_schedule=dataclasses.asdict(cfg.schedule.lambdas))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,13 +1,15 @@
 """cluster.ablation on a tiny set: every row trained, logged under one parent run, the table written,
-and a rerun that skips the finished rows."""
+and a rerun that skips the finished rows (reading the stage-1 weights of an earlier version's form)."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cluster.ablation import GLOBAL, ROWS, main
+from rgnn.io.checkpoint import read_payload
 
 
 def test_ablation_produces_every_row(shard_root, tmp_path):
@@ -44,6 +46,11 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     assert "| oracle gates (eq. 8 target) | oracle (eq. 8) |" in text
     assert "table.md" in {a.path for a in client.list_artifacts(parent)}
 
+    stage1 = tmp_path / "table.md.global-seed0.pt"  # a checkpoint payload: the global model of seed 0
+    payload = read_payload(stage1)
+    assert payload.stage == "global" and len(payload.class_names) == 10 and payload.model_config["gate"] == "none"
+    # as the ablation saved it before the payload: the backbone's and fc8's tensors alone
+    torch.save({k: v for k, v in payload.model.items() if k.startswith(("backbone.", "fc8."))}, stage1)
     again = main(args)  # every row is recorded: nothing retrained, same figures
     assert {n: r["mAP"] for n, r in again.items()} == {n: r["mAP"] for n, r in results.items()}
     assert len(client.search_runs([client.get_run(parent).info.experiment_id],

@@ -171,7 +171,7 @@ def test_checkpoints_saved_to_the_store_load_weights_only_through_the_cache(s3, 
         p = Predictor.load(uri)
         assert p.inputs.image_size == 96 and p.class_names == names  # config.json came along
         np.testing.assert_array_equal(p([image])[0].scores, expected)
-    assert checkpoint.read_checkpoint(folder)["class_names"] == names  # what --init-checkpoint reads
+    assert checkpoint.read_checkpoint(folder).class_names == names  # what --init-checkpoint reads
 
     fetched = []
     real = storage.open_read

@@ -116,7 +116,8 @@ def test_missing_checkpoint_is_a_clear_error(module, synthetic_root, tmp_path):
 
 def test_missing_edge_model_of_training_is_named(trained, tmp_path):
     names = shards.class_names(trained / "shards" / "val2017")
-    save_checkpoint(tmp_path / "sed", RGNN(ModelConfig(num_classes=10)), names, {"edge_model": "/gone/model.yml.gz"})
+    save_checkpoint(tmp_path / "sed", RGNN(ModelConfig(num_classes=10)), names, {"edge_model": "/gone/model.yml.gz"},
+                    stage="joint")
     with pytest.raises(SystemExit, match="edge model file not found: /gone/model.yml.gz.*--edge-model"):
         predict_main(["--checkpoint", str(tmp_path / "sed"), str(tmp_path)])
 

@@ -67,7 +67,7 @@ def test_missing_and_corrupt_shards_are_named(shard_root, tmp_path):
 def test_checkpoint_with_other_classes_is_refused(shard_root, tmp_path):
     names = shards.class_names(shard_root / "train2017")
     other = list(reversed(names))
-    save_checkpoint(tmp_path / "ckpt", RGNN(ModelConfig(num_classes=len(other))), other)
+    save_checkpoint(tmp_path / "ckpt", RGNN(ModelConfig(num_classes=len(other))), other, stage="joint")
     cfg = tiny_cfg(shard_root, init_checkpoint=str(tmp_path / "ckpt"), start_stage="regional",
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="differ"):

@@ -77,9 +77,9 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str | Path, edge_model: str | None = None, **overrides) -> "Predictor":
-        """From a checkpoint (path, object-store or MLflow URI: rgnn.io.checkpoint.resolve_checkpoint); `overrides`
-        (image_size, max_regions, ...) win over the config saved beside it; without a saved config, the
-        paper's input (PAPER_INPUT)."""
+        """From a checkpoint (path, object-store or MLflow URI: rgnn.io.checkpoint.resolve_checkpoint), run in the
+        stage its payload records; `overrides` (image_size, max_regions, ...) win over the config saved beside
+        it; without a saved config, the paper's input (PAPER_INPUT)."""
         file = resolve_checkpoint(checkpoint)
         model, payload = load_checkpoint(file)
         config = file.parent / CONFIG_FILE
@@ -92,8 +92,7 @@ class Predictor:
             if not Path(edge_model).is_file():
                 raise FileNotFoundError(f"structured-edge model file not found: {edge_model} (the model's "
                                         "training used it; pass --edge-model with its path here)")
-        stage = payload.get("stage") or (payload.get("state") or {}).get("stage") or "joint"
-        return cls(model, payload["class_names"], stage, inputs, edge_model)
+        return cls(model, payload.class_names, payload.stage, inputs, edge_model)
 
     def propose(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """EdgeBoxes proposals of one uint8 [H, W, 3] image: boxes float32[K, 4] in its pixels, scores

@@ -1,25 +1,28 @@
 """The checkpoint format shared by training, prediction and evaluation.
 
-A checkpoint is a folder with `checkpoint.pt` (model state, class names, model config, and for
-training: optimiser, stage, epoch, lambda state, mAPs so far) and `config.json` (the resolved
-training config as flat settings, readable without torch). The folder is a local path or an
-object-store URI (rgnn.io.storage); files are written whole or not at all (rgnn.io.storage.atomic_write).
+A checkpoint is a folder with `checkpoint.pt` (one CheckpointPayload: model state, model config,
+class names, the stage it was last trained in, and for training: epoch, optimiser, EMA, lambda
+schedule, mAPs so far) and `config.json` (the resolved training config as flat settings, readable
+without torch). The folder is a local path or an object-store URI (rgnn.io.storage); files are written
+whole or not at all (rgnn.io.storage.atomic_write). This module alone writes and reads the payload;
+it also reads the forms written before the payload had one shape (CheckpointPayload.from_dict).
 
 A checkpoint is untrusted input (it may come from shared storage, an object store or an MLflow server): it is
-loaded with `weights_only=True`, so a pickle that would run code is refused, never executed.
+loaded with `weights_only=True`, so a pickle that would run code is refused, never executed, and a
+payload of the wrong shape is refused with a ValueError naming the file.
 """
 from __future__ import annotations
 
 import hashlib
 import pickle
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
 
 from rgnn.io import storage
-from rgnn.nn.model import RGNN, ModelConfig
+from rgnn.nn.model import RGNN, STAGES, ModelConfig
 from rgnn.io.storage import atomic_write, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -28,20 +31,147 @@ MODEL_ARTIFACT = "checkpoint"  # in an MLflow Model (rgnn.tracking.pyfunc): the 
 CACHE = Path.home() / ".cache" / "rgnn"  # where checkpoints named by a URI are downloaded
 MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint.pt downloaded from an object store (VGG-16 + Adam state: ~1.7 GB)
 MAX_CONFIG_BYTES = 16 << 20
+FORMAT = 2  # the payload's `format`; the forms before it carry none
+STAGE1_KEYS = ("backbone.", "fc8.")  # what stage 1 trains that the regional path reuses (cluster.ablation)
 
 
-def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], config: dict | None = None,
-                    **train_state) -> Path | str:
+@dataclass
+class CheckpointPayload:
+    """What `checkpoint.pt` holds: a model, what it is, and where its training stood.
+
+    Attributes:
+        model: the RGNN's state_dict.
+        model_config: `dataclasses.asdict` of its ModelConfig.
+        class_names: the C classes, in the order of the logits.
+        stage: the stage of section 4.2 it was last trained in (STAGES); prediction runs that stage's model.
+        epoch: finished epochs of `stage` (0 in a finished training's final model).
+        global_step, maps, optimizer, ema, last_map: the training's steps so far, val mAP per stage, the
+            optimiser's and the EMA's state_dict (None outside a stage), the last val mAP (rgnn.train.stages.TrainState).
+        lambda_schedule: `dataclasses.asdict` of the run's LambdaSchedule (rgnn.train.schedule), or None.
+    """
+
+    model: dict[str, torch.Tensor]
+    model_config: dict
+    class_names: list[str]
+    stage: str
+    epoch: int = 0
+    global_step: int = 0
+    maps: dict[str, float] = field(default_factory=dict)
+    optimizer: dict | None = None
+    ema: dict | None = None
+    last_map: float = float("nan")
+    lambda_schedule: dict | None = None
+
+    @classmethod
+    def of(cls, model: RGNN, class_names: list[str], stage: str, **training) -> CheckpointPayload:
+        """The payload of a bare (not DDP-wrapped) `model`; `training`: the optional fields (epoch, optimizer, ...)."""
+        return cls(model.state_dict(), asdict(model.cfg), list(class_names), stage, **training)
+
+    def to_dict(self) -> dict:
+        """What torch.save writes: plain containers and tensors (the fields, not copied, and `format`)."""
+        return {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, raw, where: str, fill: dict | None = None) -> CheckpointPayload:
+        """The payload of a loaded checkpoint file `where` (named in errors), this form or an older one:
+
+        - a final model as rgnn.tracking.artifacts saved it: model, model_config, class_names, stage;
+        - a training checkpoint as cluster.loop saved it: model, model_config, class_names, lambda_schedule,
+          and the stage inside `state` with the epoch, optimiser, EMA and mAPs;
+        - stage-1 weights alone as cluster.ablation saved them (the backbone's and fc8's state_dict):
+          stage "global", with `fill` giving the model_config and class_names the file lacks.
+
+        Raises:
+            ValueError: not a dict of one of these forms, a field of the wrong type, an unknown stage.
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where} is not an RGNN checkpoint: expected a dict, got {type(raw).__name__}")
+        raw = _upgrade(raw, where, fill)
+        names = {f.name for f in fields(cls)}
+        missing = [n for n in ("model", "model_config", "class_names", "stage") if n not in raw]
+        if missing:
+            raise ValueError(f"{where} is not an RGNN checkpoint: it has no {', '.join(missing)} "
+                             f"(expected a dict with model, model_config, class_names, stage)")
+        unknown = sorted(map(str, set(raw) - names))
+        if unknown:
+            raise ValueError(f"{where} is not an RGNN checkpoint: unknown entries {unknown}")
+        payload = cls(**raw)
+        payload.check(where)
+        if isinstance(payload.last_map, int):
+            payload.last_map = float(payload.last_map)
+        return payload
+
+    def check(self, where: str) -> None:
+        """Every field of its type and the stage one of STAGES, else a ValueError naming `where`."""
+        def expect(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                shown = type(value).__name__ if isinstance(value, (dict, list, tuple, torch.Tensor)) else repr(value)
+                raise ValueError(f"{where} is not an RGNN checkpoint: {name} should be {what}, got {shown[:80]}")
+
+        expect(_str_keys(self.model) and all(isinstance(v, torch.Tensor) for v in self.model.values()),
+               "model", "a state_dict (names -> tensors)")
+        expect(_str_keys(self.model_config), "model_config", "a dict of ModelConfig fields")
+        expect(isinstance(self.class_names, list) and all(isinstance(c, str) for c in self.class_names),
+               "class_names", "a list of strings")
+        expect(isinstance(self.stage, str) and self.stage in STAGES, "stage", f"one of {STAGES}")
+        for name in ("epoch", "global_step"):
+            value = getattr(self, name)
+            expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "an int >= 0")
+        expect(_str_keys(self.maps) and all(_real(v) for v in self.maps.values()), "maps", "stage -> mAP")
+        for name in ("optimizer", "ema", "lambda_schedule"):
+            value = getattr(self, name)
+            expect(value is None or _str_keys(value), name, "None or a dict")
+        expect(_real(self.last_map), "last_map", "a number")
+
+
+def _str_keys(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _upgrade(raw: dict, where: str, fill: dict | None) -> dict:
+    """`raw` as this FORMAT's fields (see CheckpointPayload.from_dict), not yet checked."""
+    if "format" in raw:
+        if raw["format"] != FORMAT:
+            raise ValueError(f"{where} is not an RGNN checkpoint this code reads: format {raw['format']!r} "
+                             f"(it reads format {FORMAT} and the older forms without one)")
+        return {k: v for k, v in raw.items() if k != "format"}
+    if "model" not in raw and raw and all(isinstance(k, str) and k.startswith(STAGE1_KEYS) and
+                                          isinstance(v, torch.Tensor) for k, v in raw.items()):
+        if fill is None:
+            raise ValueError(f"{where} holds stage-1 weights alone (cluster.ablation's old form), without the "
+                             "model config and class names of a checkpoint")
+        return {"model": raw, **fill, "stage": "global"}
+    if "state" in raw:
+        state = raw["state"]
+        if not _str_keys(state) or "stage" in raw or set(state) & set(raw):
+            raise ValueError(f"{where} is not an RGNN checkpoint: its `state` should be a dict of the "
+                             "training state beside (not repeating) the model's entries")
+        return {**{k: v for k, v in raw.items() if k != "state"}, **state}
+    return dict(raw)
+
+
+def write_payload(file: str | Path, payload: CheckpointPayload) -> None:
+    """Write `payload` (checked first) to the checkpoint file `file`, a local path or a URI, whole or not at all."""
+    payload.check(str(file))
+    atomic_write(file, lambda f: torch.save(payload.to_dict(), f))
+
+
+def save_checkpoint(folder: str | Path, model: RGNN, class_names: list[str], config: dict | None = None, *,
+                    stage: str, **training) -> Path | str:
     """Write `folder/checkpoint.pt` (+ `config.json`); returns the folder (a local path or a URI).
 
     Args:
         model: the bare RGNN (not DDP-wrapped).
         config: the resolved training config (saved beside the weights).
-        train_state: optimizer state, stage, epoch, lambda, maps, ... kept as they are.
+        stage: the stage it was last trained in.
+        training: the optional fields of CheckpointPayload (epoch, optimizer, ema, lambda_schedule, ...).
     """
-    payload = {"model": model.state_dict(), "model_config": asdict(model.cfg),
-               "class_names": list(class_names), **train_state}
-    atomic_write(storage.join(folder, CHECKPOINT_FILE), lambda f: torch.save(payload, f))
+    write_payload(storage.join(folder, CHECKPOINT_FILE), CheckpointPayload.of(model, class_names, stage, **training))
     write_json(storage.join(folder, CONFIG_FILE), config or {})
     return storage.location(folder)
 
@@ -113,30 +243,35 @@ def _fetch_checkpoint(uri: str) -> Path:
     return local
 
 
-def _read_payload(file: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """The payload of a checkpoint file, loaded as data only (weights_only: no code runs)."""
+def read_payload(file: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
+                 fill: dict | None = None) -> CheckpointPayload:
+    """The payload of the local checkpoint file `file`, loaded as data only (weights_only: no code runs).
+
+    Args:
+        fill: for the old bare stage-1 form, the model_config and class_names it lacks (CheckpointPayload.from_dict).
+
+    Raises:
+        ValueError: not a safe or not a readable checkpoint, or a payload of the wrong shape (the message names `file`).
+    """
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+        raw = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # what weights_only refuses: a class or call it does not allow
         what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
         raise ValueError(f"{file} is not a safe RGNN checkpoint: it holds objects other than tensors and "
                          f"plain containers, and nothing in it was run. {what}".rstrip()) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{file} is not an RGNN checkpoint: {e!r}") from None
-    if not isinstance(payload, dict) or not {"model", "model_config", "class_names"} <= set(payload):
-        raise ValueError(f"{file} is not an RGNN checkpoint: expected a dict with model, model_config, class_names")
-    return payload
+    return CheckpointPayload.from_dict(raw, str(file), fill)
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path) -> CheckpointPayload:
     """The payload of a checkpoint (folder, .pt, object-store or MLflow URI) on the CPU, without building a model."""
-    return _read_payload(resolve_checkpoint(path))
+    return read_payload(resolve_checkpoint(path))
 
 
 def checkpoint_classes(path: str | Path) -> list[str]:
     """The class names of a checkpoint, without loading its weights into memory."""
-    file = resolve_checkpoint(path)
-    return list(_read_payload(file, mmap=True)["class_names"])
+    return read_payload(resolve_checkpoint(path), mmap=True).class_names
 
 
 def check_classes(ckpt_classes: list[str], data_classes: list[str], where: str) -> None:
@@ -146,13 +281,13 @@ def check_classes(ckpt_classes: list[str], data_classes: list[str], where: str) 
                          f"the data's {len(data_classes)} classes {list(data_classes)[:4]}...")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RGNN, dict]:
-    """Rebuild the RGNN of a checkpoint; returns (model in eval mode, the whole payload)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RGNN, CheckpointPayload]:
+    """Rebuild the RGNN of a checkpoint; returns (model in eval mode, its payload)."""
     file = resolve_checkpoint(path)
-    payload = _read_payload(file, map_location)
+    payload = read_payload(file, map_location)
     try:
-        model = RGNN(ModelConfig(**{**payload["model_config"], "weights": None}))
-        model.load_state_dict(payload["model"])
+        model = RGNN(ModelConfig(**{**payload.model_config, "weights": None}))
+        model.load_state_dict(payload.model)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{file} is not an RGNN checkpoint of this code: {e!r}") from None
     return model.eval(), payload

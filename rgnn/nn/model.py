@@ -29,6 +29,7 @@ from rgnn.boxes import box_area
 from rgnn.nn.gates import FeatureGate, RegionGate, apply_gate
 from rgnn.nn.pooling import SCALES, CrossRegionMaxPool
 
+STAGES = ("global", "regional", "gates", "joint")  # the training stages of section 4.2, in order
 GATES = ("none", "region", "feature")
 GATE_NORMS = ("none", "batch")  # the gate's input u_i as it is (the paper's), or standardised (rgnn.nn.gates)
 POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")

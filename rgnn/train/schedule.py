@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from rgnn.nn.model import RGNN
-
-STAGES = ("global", "regional", "gates", "joint")
+from rgnn.nn.model import RGNN, STAGES
 LAMBDA_FAMILIES = ("constant", "linear", "cosine", "step", "exponential")
 LR_SCHEDULES = ("constant", "cosine", "step")  # the rate through a stage; the paper's is constant
 

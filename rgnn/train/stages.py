@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rgnn.train.config import TrainConfig
+from rgnn.io.checkpoint import CheckpointPayload
 from rgnn.data import shards
 from rgnn.data.transforms import InputConfig, Preprocess
 from rgnn.train.ema import EMA
@@ -43,7 +44,13 @@ class TrainState:
     last_map: float = float("nan")
 
     def to_dict(self) -> dict:
+        """The fields, as CheckpointPayload takes them (rgnn.io.checkpoint.save_checkpoint's stage and training)."""
         return dict(self.__dict__)
+
+    @classmethod
+    def from_payload(cls, payload: CheckpointPayload) -> TrainState:
+        """Where the training of a checkpoint stood (a final model's: its stage, epoch 0)."""
+        return cls(**{f.name: getattr(payload, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass

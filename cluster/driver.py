@@ -29,6 +29,7 @@ from rgnn.metrics import GATE_METRICS
 from rgnn.nn.backbones import imagenet_file
 from rgnn.train.pretrain import pretrained_weights
 from rgnn.train.schedule import STAGES
+from rgnn.train.stages import CHECKPOINT_SCORE
 from rgnn.io.storage import write_json, write_text
 from rgnn.tracking.runs import (RunLogger, check_reachable, class_metric, dataset_input, git_commit, recall_metrics, register_model,
                            resolve_tracking_uri, start_run)
@@ -157,7 +158,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
         run_config=RunConfig(name=c.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              # the best two by val mAP are kept beside the latest (which resumes)
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val/mAP",
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=CHECKPOINT_SCORE,
                                                                 checkpoint_score_order="max"),
                              callbacks=callbacks),
     )
@@ -187,9 +188,10 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
 
 
 def best_checkpoint(kept: list[tuple]) -> dict | None:
-    """Of Ray's kept (checkpoint, metrics) pairs, the one with the highest val mAP (epochs without an
-    evaluation have none): {"checkpoint", "stage", "epoch", "val_mAP"}, or None."""
-    scored = [(m["val/mAP"], c, m) for c, m in kept if not math.isnan(m.get("val/mAP", math.nan))]
+    """Of Ray's kept (checkpoint, metrics) pairs, the one whose own weights scored the highest val mAP
+    (an epoch without an evaluation has none; its val/mAP is an earlier epoch's):
+    {"checkpoint", "stage", "epoch", "val_mAP"}, or None."""
+    scored = [(m[CHECKPOINT_SCORE], c, m) for c, m in kept if not math.isnan(m.get(CHECKPOINT_SCORE, math.nan))]
     if not scored:
         return None
     score, checkpoint, metrics = max(scored, key=lambda t: t[0])

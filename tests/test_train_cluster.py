@@ -175,20 +175,24 @@ def test_a_cause_that_stops_the_job_is_named_at_once(case, tmp_path):
     assert not (tmp_path / "cache" / "shards").exists()  # no work was done
 
 
-def test_best_checkpoint_is_the_highest_val_map_among_the_kept():
+def test_best_checkpoint_is_the_highest_val_map_of_its_own_weights_among_the_kept():
+    """An epoch without an evaluation carries the last val/mAP over; its checkpoint's score is NaN, so
+    the best is never a checkpoint whose weights were not the ones evaluated."""
     from types import SimpleNamespace
 
     from cluster.driver import best_checkpoint
+    from rgnn.train.stages import CHECKPOINT_SCORE
 
     local = SimpleNamespace(type_name="local")  # Ray's pyarrow file system of the checkpoint
-    kept = [(SimpleNamespace(path=f"/runs/c{i}", filesystem=local), {"stage": s, "epoch": e, "val/mAP": m})
-            for i, (s, e, m) in enumerate([("global", 1, 0.5), ("regional", 1, float("nan")), ("regional", 2, 0.8),
-                                           ("joint", 2, 0.7)])]
+    rows = [("global", 1, 0.5, 0.5), ("regional", 1, 0.5, float("nan")), ("regional", 2, 0.8, 0.8),
+            ("joint", 1, 0.8, float("nan")), ("joint", 2, 0.7, 0.7)]
+    kept = [(SimpleNamespace(path=f"/runs/c{i}", filesystem=local),
+             {"stage": s, "epoch": e, "val/mAP": last, CHECKPOINT_SCORE: own}) for i, (s, e, last, own) in enumerate(rows)]
     assert best_checkpoint(kept) == {"checkpoint": "/runs/c2/checkpoint.pt", "stage": "regional", "epoch": 2,
                                      "val_mAP": 0.8}
-    assert best_checkpoint(kept[1:2]) is None and best_checkpoint([]) is None
+    assert best_checkpoint([kept[1], kept[3]]) is None and best_checkpoint([]) is None
     on_s3 = (SimpleNamespace(path="bucket/runs/c9", filesystem=SimpleNamespace(type_name="s3")), {
-        "stage": "joint", "epoch": 3, "val/mAP": 0.9})
+        "stage": "joint", "epoch": 3, "val/mAP": 0.9, CHECKPOINT_SCORE: 0.9})
     assert best_checkpoint([*kept, on_s3])["checkpoint"] == "s3://bucket/runs/c9/checkpoint.pt"
 
 

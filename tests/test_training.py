@@ -2,6 +2,7 @@
 bad inputs cluster/train_coco.py refuses before it starts a cluster."""
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from rgnn.io.checkpoint import save_checkpoint
 from rgnn.train.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.nn.model import RGNN, ModelConfig
-from rgnn.train.stages import Hooks, TrainState, model_config, run_stages
+from rgnn.train.stages import CHECKPOINT_SCORE, Hooks, TrainState, model_config, run_stages
 
 
 def tiny_cfg(shard_root, **kw) -> TrainConfig:
@@ -38,6 +39,10 @@ def test_run_stages_reports_every_epoch_and_evaluates_each_stage(shard_root):
     # gate quality after each gated stage's evaluation, not before
     assert "val/gate_auc" not in reports[1][2] and 0.0 <= reports[2][2]["val/gate_auc"] <= 1.0
     assert 0.0 <= result["gate_ap"] <= 1.0 and result["gate_mean_object"] > 0 and result["gate_mean_other"] > 0
+    # joint epoch 1 is not evaluated: val/mAP carries stage 3's over, its checkpoint has no score of its own
+    scores = [r[2][CHECKPOINT_SCORE] for r in reports]
+    assert math.isnan(scores[3]) and reports[3][2]["val/mAP"] == reports[2][2]["val/mAP"] == scores[2]
+    assert scores[4] == result["mAP"] == reports[4][2]["val/mAP"]
 
 
 def test_resume_continues_from_the_saved_state(shard_root):

@@ -72,6 +72,11 @@ class Hooks:
     on_warning: Callable[[str], None] = log.warning
 
 
+# what Ray ranks the kept checkpoints by: the val mAP of the epoch's own weights, NaN where the epoch
+# was not evaluated (Ray ranks NaN lowest); val/mAP carries the last evaluation over such epochs
+CHECKPOINT_SCORE = "checkpoint/val_mAP"
+
+
 def stalled(before: float, after: float) -> bool:
     """The loss on the same batch fell by less than MIN_DROP (relative) over an epoch."""
     return after > before * (1 - MIN_DROP)
@@ -225,7 +230,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
                 if done:
                     state.maps[stage] = result["mAP"]
                     final = (stage, result)
-            metrics["val/mAP"] = state.last_map
+            metrics["val/mAP"] = state.last_map  # the last evaluation's (what MLflow and Tune follow)
+            metrics[CHECKPOINT_SCORE] = result["mAP"] if result else float("nan")  # this epoch's weights' own
             state.stage, state.epoch, state.optimizer = stage, epoch + 1, optimizer.state_dict()
             state.ema = None if ema is None else ema.state_dict()
             if hooks.on_epoch is not None:

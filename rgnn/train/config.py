@@ -147,8 +147,7 @@ class TrainConfig:
 
     def set(self, name: str, value) -> None:
         obj, last = self._owner(name)
-        kind = next(str(f.type) for f in fields(obj) if f.name == last)
-        if isinstance(value, list) and (isinstance(getattr(obj, last), tuple) or kind.startswith("tuple")):
+        if isinstance(value, list) and (isinstance(getattr(obj, last), tuple) or setting_type(name).startswith("tuple")):
             value = tuple(value)  # JSON and YAML give lists where the dataclass keeps tuples
         setattr(obj, last, value)
 
@@ -184,18 +183,20 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, dict) else value
 
 
-def _flat_paths(obj, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+def _flat_fields(obj, prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], str]]:
+    """{flat name: (path of attribute names from TrainConfig, declared type as written)}."""
     out = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if is_dataclass(value):
-            out.update(_flat_paths(value, prefix + (f.name,)))
+            out.update(_flat_fields(value, prefix + (f.name,)))
         elif f.name != "num_classes" and not f.metadata.get("internal"):  # the data's, or resolve()'s record
-            out[f.metadata.get("flat", f.name)] = prefix + (f.name,)
+            out[f.metadata.get("flat", f.name)] = (prefix + (f.name,), str(f.type))
     return out
 
 
-_PATHS = _flat_paths(TrainConfig())
+_FIELDS = _flat_fields(TrainConfig())
+_PATHS = {name: path for name, (path, _) in _FIELDS.items()}
 FLAT_NAMES = tuple(_PATHS)
 # what a trial of a search may vary: what it trains, never where it runs or writes (name, storage, ...)
 TRAINABLE_SETTINGS = tuple(n for n, path in _PATHS.items() if path[0] in ("model", "input", "augment", "schedule"))
@@ -237,11 +238,8 @@ def check_type(name: str, value) -> None:
 
 def setting_type(name: str) -> str:
     """The declared type of the setting of flat name `name`, as written (e.g. "int", "float | None")."""
-    *parents, last = _path(name)
-    obj = TrainConfig()
-    for part in parents:
-        obj = getattr(obj, part)
-    return next(str(f.type) for f in fields(obj) if f.name == last)
+    _path(name)  # an unknown name is an error
+    return _FIELDS[name][1]
 
 
 def _path(name: str) -> tuple[str, ...]:

@@ -18,8 +18,8 @@ from rgnn.data.proposals import ProposalParams
 from sharding.job import build_shards
 
 
-def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0,
-                   keep_ray: bool = True) -> tuple[Path | str, Path | str]:
+def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0, keep_ray: bool = True,
+                   address: str | None = None) -> tuple[Path | str, Path | str]:
     """Return the (train, val) shard folders, building them through sharding/ where needed.
 
     --shards may be an object-store URI (s3://bucket/prefix): its manifests and shards are checked
@@ -34,6 +34,7 @@ def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0,
         seed: the built-in synthetic set's seed.
         keep_ray: False disconnects from the Ray a build joined or started (for callers that
             train without Ray and must not die with that Ray).
+        address: the Ray cluster a build joins (--address; None: as `sharding.ray_setup.init_ray`).
     """
     if cfg.shards:
         dirs = storage.join(cfg.shards, cfg.train_split), storage.join(cfg.shards, cfg.val_split)
@@ -63,7 +64,7 @@ def prepare_shards(cfg: DataConfig, inputs: InputConfig, seed: int = 0,
     out = cache / "shards" / f"{key}-T{params.max_boxes}"
     dirs = []
     for split in (cfg.train_split, cfg.val_split):
-        dirs.append(Path(build_shards(read(split), out, params=params, edge_model=cfg.edge_model)))
+        dirs.append(Path(build_shards(read(split), out, params=params, edge_model=cfg.edge_model, address=address)))
     if not keep_ray:
         ray.shutdown()  # a no-op when no build ran
     return tuple(dirs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -116,10 +115,8 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     run_dir = storage.join(storage_path, c.name)
     if c.resume and not storage.isdir(run_dir):
         raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage_path}")
-    if c.address:  # every Ray this process joins, the shard build's included
-        os.environ["RAY_ADDRESS"] = c.address
     check_address(c.address)  # a head that does not answer fails here, before any shard is built
-    train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed)
+    train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed, address=c.address)
     class_names = shards.class_names(train_dir)
     if class_names != shards.class_names(val_dir):
         raise ValueError(f"{train_dir} and {val_dir} have different class lists")

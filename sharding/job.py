@@ -381,10 +381,10 @@ def _gather(refs: list, timeout: float = 10.0) -> list:
 def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | None = None,
                  params: ProposalParams = ProposalParams(), shard_size: int = DEFAULT_SHARD_SIZE,
                  edge_model: str | Path | None = None, limit: int | None = None,
-                 progress: bool = True) -> Path | str:
+                 progress: bool = True, address: str | None = None) -> Path | str:
     """Compute proposals and write the shards and manifest of one split (see the module docstring).
 
-    Joins the Ray that is initialised, or starts (or joins) one as `init_ray()` does.
+    Joins the Ray that is initialised, or starts (or joins) one as `init_ray(address)` does.
 
     Args:
         labeled_set: the split's records; its name's last part ("coco/train2017" -> "train2017")
@@ -397,6 +397,7 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
         edge_model: OpenCV structured-edge model file (model.yml.gz); default: gradient edges.
         limit: use only the first `limit` records.
         progress: show a progress bar (images/s).
+        address: the Ray cluster to join when actors run (None: RAY_ADDRESS, a running local head, or a new one).
 
     Returns:
         SHARDS/<split> (a Path, or a str for a URI: rgnn.io.storage.location).
@@ -417,12 +418,13 @@ def build_shards(labeled_set: LabeledSet, out_dir: str | Path, *, actors: int | 
     split_dir = str(storage.join(out_dir, split))
     plan = plan_shards(records, split, shard_size, params.max_boxes)
     with exclusive(split_dir):
-        return _build(labeled_set, split_dir, plan, len(records), actors, params, shard_size, edge_model, limit, progress)
+        return _build(labeled_set, split_dir, plan, len(records), actors, params, shard_size, edge_model, limit, progress,
+                      address)
 
 
 def _build(labeled_set: LabeledSet, split_dir: str, plan: list[ShardTask], records: int, actors: int | None,
            params: ProposalParams, shard_size: int, edge_model: str | None, limit: int | None,
-           progress: bool) -> Path | str:
+           progress: bool, address: str | None) -> Path | str:
     split = labeled_set.name.rsplit("/", 1)[-1]
     manifest = _Manifest(split_dir, labeled_set, _settings(labeled_set, params, edge_model, shard_size, limit, records), plan)
     remove_stale_temps(split_dir)
@@ -436,6 +438,6 @@ def _build(labeled_set: LabeledSet, split_dir: str, plan: list[ShardTask], recor
         if todo and actors == 0:
             _run_inline(todo, manifest, params, edge_model, bar)
         elif todo:
-            init_ray()
+            init_ray(address)
             _run_on_ray(todo, manifest, actors, params, edge_model, bar)
     return storage.location(split_dir)

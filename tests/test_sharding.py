@@ -56,13 +56,13 @@ def test_two_node_cluster_gets_actors_on_both_nodes(source, tmp_path, monkeypatc
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address)
         cluster.wait_for_nodes()
+        labeled = read_coco(source, "train2017")
+        split_dir = build_shards(labeled, tmp_path, actors=2, params=PARAMS, limit=8,  # joins the cluster it names
+                                 shard_size=_shard_size(labeled.records[:8], 4), progress=False,
+                                 address=cluster.address)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
-        labeled = read_coco(source, "train2017")
-        split_dir = build_shards(labeled, tmp_path, actors=2, params=PARAMS, limit=8,
-                                 shard_size=_shard_size(labeled.records[:8], 4), progress=False)
         m = shards.read_manifest(split_dir)
         assert m["complete"] and m["samples"] == 8
         assert m["job"]["actors"] == 2 and set(m["job"]["nodes"]) == nodes

@@ -130,6 +130,10 @@ BAD = {
     "a later format": (lambda g: {**g, "format": FORMAT + 1}, f"format {FORMAT + 1}"),
     "state not a dict": (lambda g: {**{k: v for k, v in g.items() if k != "stage"}, "state": [1]}, "its `state`"),
     "stage twice": (lambda g: {**g, "state": {"stage": "global"}}, "its `state`"),
+    "a class name short": (lambda g: {**g, "class_names": NAMES[:2]},
+                           "2 class_names for the model_config's num_classes 3"),
+    "a million classes": (lambda g: {**g, "model_config": {**g["model_config"], "num_classes": 10 ** 6}},
+                          "3 class_names for the model_config's num_classes 1000000"),
 }
 
 
@@ -164,3 +168,28 @@ def test_a_payload_of_the_wrong_shape_is_not_written(tmp_path):
     with pytest.raises(ValueError, match="class_names should be a list of strings"):
         save_checkpoint(tmp_path / "c", _model(), [1, 2, 3], stage="joint")
     assert not (tmp_path / "c" / CHECKPOINT_FILE).exists()
+
+
+@pytest.mark.parametrize("hidden", [10_000_000, 10 ** 12])
+def test_a_config_larger_than_its_weights_is_refused_before_the_model_is_built(hidden, tmp_path):
+    """The config is checked against the weights' shapes first: 10**12 x 15 floats could never be allocated."""
+    good = _good()
+    folder = _write(tmp_path / "big", {**good, "model_config": {**good["model_config"], "hidden": hidden}})
+    pattern = (re.escape(str(folder / CHECKPOINT_FILE)) + r" is not an RGNN checkpoint of its model_config: "
+               + re.escape(f"classifier.0.weight has shape (512, 15), the config implies ({hidden}, 15)"))
+    with pytest.raises(ValueError, match=pattern):
+        load_checkpoint(folder)
+    with pytest.raises(ValueError, match=pattern):
+        Predictor.load(folder)
+
+
+def test_weights_with_a_nan_or_an_inf_are_refused_naming_the_tensor(tmp_path):
+    for key, value in (("classifier.3.bias", float("nan")), ("fc8.weight", float("-inf"))):
+        good = _good()
+        good["model"][key].view(-1)[0] = value
+        folder = _write(tmp_path / key, good)
+        pattern = re.escape(f"{folder / CHECKPOINT_FILE}: weight {key} holds 1 NaN or inf values")
+        with pytest.raises(ValueError, match=pattern):
+            load_checkpoint(folder)
+        with pytest.raises(ValueError, match=pattern):
+            Predictor.load(folder)

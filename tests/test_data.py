@@ -1,6 +1,7 @@
 import hashlib
 import json
 import logging
+import re
 
 import cv2
 import numpy as np
@@ -285,6 +286,9 @@ def _coco_doc(tmp_path, edit):
     (lambda d: d["images"][1].update(id="2"), "image ids must be integers"),
     (lambda d: d["images"][0].update(file_name="../../etc/passwd"), "leaves the image folder"),
     (lambda d: d["images"][0].update(file_name="/etc/passwd"), "leaves the image folder"),
+    (lambda d: d["images"][1].update(file_name="./a.jpg"), r"images 1 and 2 have one file './a.jpg'"),
+    (lambda d: d["categories"][1].update(name="cat"), "categories 5 and 7 are both named 'cat'"),
+    (lambda d: d["categories"][1].pop("name"), "category 7 has no name"),
 ])
 def test_coco_files_with_broken_invariants_are_named_errors(tmp_path, edit, match):
     root = _coco_doc(tmp_path, edit)
@@ -301,6 +305,51 @@ def test_coco_orphan_and_nan_annotations_are_left_out_and_counted(tmp_path):
     reasons = {where.split(" annotation ")[1].split(" ")[0]: why for where, why in labeled.skipped}
     assert reasons["12"] == "points at no image" and "not finite" in reasons["13"]
     assert [r.labels for r in labeled.records] == [[0], [1]]  # the good annotations are kept
+
+
+def test_coco_bbox_and_iscrowd_of_the_wrong_kind_are_left_out_and_counted(tmp_path):
+    """A string bbox ("1234" would unpack as 1, 2, 3, 4), the wrong length, an iscrowd other than 0/1/bool."""
+    bad = {12: {"bbox": "1234"}, 13: {"bbox": [1, 1, 5]}, 14: {"bbox": [1, 1, 5, 5, 5]},
+           15: {"bbox": [1, "1", 5, 5]}, 16: {"iscrowd": 2}, 17: {"iscrowd": "yes"}, 18: {"iscrowd": True}}
+
+    def edit(d):
+        for i, fields in bad.items():
+            d["annotations"].append({"id": i, "image_id": 2, "category_id": 5, "bbox": [1, 1, 5, 5], **fields})
+    labeled = read_coco(_coco_doc(tmp_path, edit), "val2017")
+    reasons = {where.split(" annotation ")[1].split(" ")[0]: why for where, why in labeled.skipped}
+    assert sorted(reasons) == ["12", "13", "14", "15", "16", "17"]  # iscrowd True is a crowd
+    assert all("is not a list of 4 numbers" in reasons[i] for i in ("12", "13", "14", "15"))
+    assert "iscrowd 2 is not 0 or 1" in reasons["16"] and "iscrowd 'yes'" in reasons["17"]
+    assert all("instances_val2017.json annotation" in where for where, _ in labeled.skipped)
+    assert [r.labels for r in labeled.records] == [[0], [0, 1]]  # the crowd counts as a label, not a box
+    np.testing.assert_array_equal(labeled.records[1].gt_boxes, [[2, 2, 8, 8]])
+
+
+def test_coco_json_nested_thousands_deep_is_a_named_error(tmp_path):
+    root = _coco_doc(tmp_path, lambda d: None)
+    (root / "annotations" / "instances_val2017.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"instances_val2017.json: its JSON is nested too deeply"):
+        read_coco(root, "val2017")
+
+
+def test_voc_non_finite_boxes_are_left_out_and_listed(voc_tree):
+    (voc_tree / "Annotations" / "000002.xml").write_text(_voc_xml(
+        [("cat", False, ("nan", 1, 5, 5)), ("dog", False, (1, 1, "inf", 5)), ("tvmonitor", False, (10, 10, 70, 30))]))
+    s = read_voc(voc_tree, "trainval")
+    r2 = s.records[1]
+    assert r2.labels == [VOC_CLASSES.index("tvmonitor")]
+    np.testing.assert_array_equal(r2.gt_boxes, [[9, 9, 60, 30]])
+    assert [(w.split("/")[-1], why) for w, why in s.skipped] == [
+        ("000002.xml object 0 (cat)", "box [nan, 1.0, 5.0, 5.0] is not finite"),
+        ("000002.xml object 1 (dog)", "box [1.0, 1.0, inf, 5.0] is not finite")]
+
+
+@pytest.mark.parametrize("stem", ["../VOC2012/000001", "sub/000001", "..\\000001", ".."])
+def test_voc_an_image_set_naming_a_path_is_refused(voc_tree, stem):
+    list_file = voc_tree / "ImageSets" / "Main" / "trainval.txt"
+    list_file.write_text(f"000001\n{stem}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{list_file}: image {stem!r} is not a file stem")):
+        read_voc(voc_tree, "trainval")
 
 
 def test_a_label_outside_the_class_list_is_an_error_not_the_last_class():

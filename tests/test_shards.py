@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -310,6 +311,52 @@ def test_a_sample_missing_a_field_is_named():
     del sample["scores.npy"]
     with pytest.raises(ValueError, match=r"x.tar sample 'a'.*scores.npy"):
         decode_sample(sample, "x.tar")
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("field, data, what", [
+    ("boxes.npy", _npy_header((10 ** 11, 4)) + bytes(16), r"boxes.npy declares shape \(100000000000, 4\)"),
+    ("boxes.npy", _npy_header((2, -4)) + bytes(32), r"boxes.npy declares shape \(2, -4\)"),
+    ("scores.npy", _npy_header((3,), "<f8") + bytes(24), "scores.npy holds float64, expected float32"),
+    ("scores.npy", _npy_header((1,), "|O") + bytes(8), "scores.npy holds object, expected float32"),
+    ("scores.npy", b"\x93NUMPY\x01", "scores.npy is not a .npy array"),
+])
+def test_a_npy_field_is_checked_from_its_header_before_it_is_read(field, data, what):
+    """A header declaring 1.6 TB is refused before numpy allocates it; only float32 is read."""
+    sample = encode_sample(ImageRecord("a", "a.jpg", 1, 1, []), b"\xff\xd8\xff", np.zeros((0, 4)), np.zeros(0))
+    with pytest.raises(ValueError, match=r"x.tar sample 'a': " + what):
+        decode_sample({**sample, field: data}, "x.tar")
+
+
+def test_a_sample_whose_json_is_nested_thousands_deep_is_named():
+    sample = encode_sample(ImageRecord("a", "a.jpg", 1, 1, []), b"\xff\xd8\xff", np.zeros((0, 4)), np.zeros(0))
+    sample["json"] = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ValueError, match=r"x.tar sample 'a': its json is nested too deeply"):
+        decode_sample(sample, "x.tar")
+
+
+def test_a_manifest_listing_a_shard_outside_its_split_is_refused(built, tmp_path):
+    """An absolute path or `..` would read another split's shard (here: a copy of the same one, size and all)."""
+    src, _ = built
+    other = tmp_path / "val2017"
+    shutil.copytree(src, other)
+    d = tmp_path / "train2017"
+    for name in (str(other / "train2017-000001.tar"), "../val2017/train2017-000001.tar", "..\\val2017\\x.tar", ""):
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(src, d)
+        m = json.loads((d / "manifest.json").read_text())
+        m["shards"][1]["name"] = name
+        (d / "manifest.json").write_text(json.dumps(m))
+        pattern = re.escape(f"{d / 'manifest.json'}: shard {name!r} is not a file name in the split's folder")
+        with pytest.raises(ValueError, match=pattern):
+            load(d, batch_size=2)
+        with pytest.raises(ValueError, match=pattern):
+            shards.verify_shards(d)
 
 
 def test_png_source_keeps_its_bytes(tmp_path, synthetic_root):

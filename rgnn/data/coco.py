@@ -21,8 +21,9 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
 
     COCO's category ids (1..90 with gaps) map to contiguous indices in ascending id order.
     Images without annotations are kept as all-negative. `iscrowd` annotations count for the
-    image's labels but are not box targets. An annotation that cannot be used (unknown category,
-    malformed bbox) is left out and listed in `skipped`; so is an image whose file is missing
+    image's labels but are not box targets. An annotation that cannot be used (unknown category, a
+    bbox that is not 4 finite numbers, an `iscrowd` other than 0, 1 or a bool) is left out and listed
+    in `skipped`; so is an image whose file is missing
     (with `check_files`), with a warning naming it.
 
     Args:
@@ -32,7 +33,8 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
 
     Raises:
         FileNotFoundError: the annotation file is missing.
-        ValueError: the annotation file does not parse as COCO json (the message names it).
+        ValueError: the annotation file does not parse as COCO json or is nested too deeply to read,
+            or breaks an invariant of check_coco (the message names it).
     """
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}.json"
@@ -42,6 +44,8 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
         data = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{ann_file}: its JSON is nested too deeply to read") from None
     orphans = check_coco(data, ann_file)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -68,15 +72,20 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
             where = f"{ann_file} annotation {ann.get('id')} (image {info['file_name']})"
             try:
                 c = index_of[ann["category_id"]]
-                x, y, bw, bh = (float(v) for v in ann["bbox"])
+                bbox, crowd = ann["bbox"], ann.get("iscrowd", 0)
+                if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_real, bbox)):
+                    raise ValueError(f"bbox {bbox!r} is not a list of 4 numbers")
+                x, y, bw, bh = (float(v) for v in bbox)
                 if not all(map(math.isfinite, (x, y, bw, bh))):
-                    raise ValueError(f"bbox {ann['bbox']} is not finite")
+                    raise ValueError(f"bbox {bbox} is not finite")
+                if not isinstance(crowd, int) or crowd not in (0, 1):
+                    raise ValueError(f"iscrowd {crowd!r} is not 0 or 1")
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("%s: unreadable, skipped: %r", where, e)
                 skipped.append((where, f"unreadable annotation: {e!r}"))
                 continue
             labels.add(c)
-            if ann.get("iscrowd", 0):
+            if crowd:
                 continue
             box = clip_box([x, y, x + bw, y + bh], w, h, where)
             if box is not None:
@@ -88,6 +97,10 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
     return LabeledSet(f"{root.name}/{split}", class_names, records, category_ids, skipped)
 
 
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_coco(data, ann_file: Path) -> list[dict]:
     """Check a COCO instances document's invariants before anything is built from it.
 
@@ -95,9 +108,11 @@ def check_coco(data, ann_file: Path) -> list[dict]:
     annotations / categories lists; an image or category id that is not an int (COCO's ids are, and
     mixing ints and strings breaks ordering), or appears twice (pycocotools would keep the last,
     silently giving one image another's boxes); an image without a usable `file_name`, `width`,
-    `height` (positive numbers), or a file name that leaves the image folder (absolute or `..`).
+    `height` (positive numbers), a file name that leaves the image folder (absolute or `..`), or one
+    file name under two image ids (one image read twice, with two sets of boxes); a category without a
+    name, or two categories of one name (two classes no one could tell apart).
     Returned (each left out and counted in the reader's `skipped`): the annotations whose image id
-    names no image. Annotations with an unknown category or a non-finite bbox are left out later.
+    names no image. Annotations with an unknown category or a bad bbox or iscrowd are left out later.
     """
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise ValueError(f"{ann_file} is not a COCO instances file: expected lists images, annotations, categories")
@@ -116,12 +131,25 @@ def check_coco(data, ann_file: Path) -> list[dict]:
 
     image_ids = ids(data["images"], "image")
     ids(data["categories"], "category")
+    category_of = {}
+    for cat in data["categories"]:
+        name = cat.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{ann_file}: category {cat['id']} has no name")
+        if name in category_of:
+            raise ValueError(f"{ann_file}: categories {category_of[name]} and {cat['id']} are both named {name!r}")
+        category_of[name] = cat["id"]
+    image_of = {}
     for im in data["images"]:
         name, w, h = im.get("file_name"), im.get("width"), im.get("height")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{ann_file}: image {im['id']} has no file_name")
         if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name.replace("\\", "/")).parts:
             raise ValueError(f"{ann_file}: image {im['id']} file_name {name!r} leaves the image folder")
+        same = str(PurePosixPath(name.replace("\\", "/")))
+        if same in image_of:
+            raise ValueError(f"{ann_file}: images {image_of[same]} and {im['id']} have one file {name!r}")
+        image_of[same] = im["id"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (w, h)):
             raise ValueError(f"{ann_file}: image {im['id']} ({name}) needs positive numeric width and height, "
                              f"got {w!r} x {h!r}")

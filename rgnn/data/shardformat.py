@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -112,28 +113,53 @@ def decode_sample(sample: dict, where: str) -> Sample:
     """Raw sample ({"__key__": key, field: bytes, ...}, as read from a shard) -> Sample.
 
     Raises:
-        ValueError: a field is missing, extra or unreadable, or the proposals' shapes are not (T, 4)
-            and (T,) (the message names `where` and the sample's key).
+        ValueError: a field is missing, extra or unreadable (a `.npy` field not float32 as written, or
+            whose header's shape does not match its bytes; json nested too deeply), or the proposals'
+            shapes are not (T, 4) and (T,) (the message names `where` and the sample's key).
     """
     name = f"{where} sample {sample.get('__key__')!r}"
     images = image_fields(sample)
     missing = [k for k in META_FIELDS if k not in sample] + ([] if images else ["jpg"])
     if missing or len(images) > 1:
         raise ValueError(f"{name}: expected fields {list(META_FIELDS)} and one image, got {sorted(sample)}")
+    boxes = _load_npy(sample["boxes.npy"], name, "boxes.npy")
+    scores = _load_npy(sample["scores.npy"], name, "scores.npy")
     try:
         meta = json.loads(sample["json"])
-        boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
-        scores = np.load(io.BytesIO(sample["scores.npy"]), allow_pickle=False)
         gt = np.asarray(meta["gt_boxes"], np.float32).reshape(-1, 5)  # (G, 5): x1 y1 x2 y2 class
         record = ImageRecord(meta["id"], meta["file"], int(meta["width"]), int(meta["height"]),
                              list(meta["labels"]), gt[:, :4], gt[:, 4].astype(np.int64),
                              np.asarray(meta.get("difficult", [False] * len(gt)), bool))
+    except RecursionError:
+        raise ValueError(f"{name}: its json is nested too deeply to read") from None
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ValueError(f"{name}: unreadable fields: {e!r}") from None
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (len(boxes),):
         raise ValueError(f"{name}: boxes.npy {boxes.shape} and scores.npy {scores.shape} "
                          "are not (T, 4) and (T,)")
     return Sample(sample.get("__key__"), images[0], sample[images[0]], boxes, scores, record)
+
+
+def _load_npy(data: bytes, name: str, field: str) -> np.ndarray:
+    """The float32 array of a sample's `.npy` field (`name`: the sample, for errors), its header checked
+    first: the dtype the writer writes (little-endian float32) and a shape whose values are exactly the
+    bytes that follow, so a header declaring (10**11, 4) is refused before anything is allocated."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"npy format version {version}, expected 1.0 or 2.0")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except ValueError as e:
+        raise ValueError(f"{name}: {field} is not a .npy array: {e}") from None
+    if dtype != np.dtype("<f4"):
+        raise ValueError(f"{name}: {field} holds {dtype}, expected float32")
+    values = math.prod(shape)
+    if min(shape, default=0) < 0 or values * 4 != len(data) - f.tell():
+        raise ValueError(f"{name}: {field} declares shape {shape} ({values} values) but holds "
+                         f"{len(data) - f.tell()} bytes of data")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +171,8 @@ def read_manifest(split_dir: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: no manifest.json in `split_dir` (or no such bucket).
-        ValueError: it does not parse, or is not a shard manifest (the message names the file).
+        ValueError: it does not parse, or is not a shard manifest, or lists a shard by anything but a
+            file name in `split_dir` (the message names the file).
         PermissionError / ConnectionError: the object store refuses or does not answer (named).
     """
     path = storage.join(split_dir, MANIFEST)
@@ -161,6 +188,13 @@ def read_manifest(split_dir: str | Path) -> dict:
                if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise ValueError(f"{path} is not a shard manifest (missing {missing})")
+    if not isinstance(manifest["shards"], list) or not all(isinstance(e, dict) for e in manifest["shards"]):
+        raise ValueError(f"{path} is not a shard manifest (its shards should be a list of entries)")
+    for entry in manifest["shards"]:
+        name = entry.get("name")
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"{path}: shard {name!r} is not a file name in the split's folder (a shard "
+                             "listed by an absolute path, a subfolder or `..` could be another split's)")
     return manifest
 
 

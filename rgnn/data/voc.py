@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -42,15 +43,22 @@ def read_voc(root: str | Path, split: str = "trainval", year: str | None = None,
     difficult (`ImageRecord.difficult_only`), as the VOC devkit does. Boxes become 0-based
     x1 y1 x2 y2 (VOC's are 1-based, inclusive).
 
+    An object whose box has a NaN or inf coordinate is left out and listed in `skipped`.
+
     Raises:
         FileNotFoundError: the image set list or an annotation file is missing.
-        ValueError: an annotation file does not parse or names an unknown class (names the file).
+        ValueError: an annotation file does not parse or names an unknown class (names the file), or
+            the image set lists a name with `/`, `\\` or `..` (names the list file).
     """
     year_dir = voc_year_dir(root, year)
     list_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
         raise FileNotFoundError(f"VOC image set not found: {list_file}")
     stems = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
+    bad = next((s for s in stems if "/" in s or "\\" in s or ".." in s), None)
+    if bad is not None:
+        raise ValueError(f"{list_file}: image {bad!r} is not a file stem (it has /, \\ or ..: a path out of "
+                         "JPEGImages and Annotations)")
     index_of = {name: i for i, name in enumerate(VOC_CLASSES)}
     records, skipped = [], []
     for stem in stems:
@@ -70,12 +78,17 @@ def read_voc(root: str | Path, split: str = "trainval", year: str | None = None,
             size = tree.find("size")
             w, h = int(size.findtext("width")), int(size.findtext("height"))
             boxes, classes, difficult = [], [], []
-            for obj in tree.iter("object"):
+            for i, obj in enumerate(tree.iter("object")):
                 name = obj.findtext("name").strip()
                 if name not in index_of:
                     raise ValueError(f"unknown class {name!r}")
                 bb = obj.find("bndbox")
                 box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                if not all(map(math.isfinite, box)):
+                    where = f"{xml_file} object {i} ({name})"
+                    log.warning("%s: box %s is not finite, skipped", where, box)
+                    skipped.append((where, f"box {box} is not finite"))
+                    continue
                 box = clip_box([box[0] - 1, box[1] - 1, box[2], box[3]], w, h, str(xml_file))
                 if box is None:
                     continue

@@ -115,6 +115,10 @@ class CheckpointPayload:
         expect(isinstance(self.class_names, list) and all(isinstance(c, str) for c in self.class_names),
                "class_names", "a list of strings")
         expect(isinstance(self.stage, str) and self.stage in STAGES, "stage", f"one of {STAGES}")
+        num_classes = self.model_config.get("num_classes")
+        if num_classes != len(self.class_names):
+            raise ValueError(f"{where} is not an RGNN checkpoint: {len(self.class_names)} class_names for the "
+                             f"model_config's num_classes {num_classes!r}")
         for name in ("epoch", "global_step"):
             value = getattr(self, name)
             expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "an int >= 0")
@@ -282,12 +286,46 @@ def check_classes(ckpt_classes: list[str], data_classes: list[str], where: str) 
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RGNN, CheckpointPayload]:
-    """Rebuild the RGNN of a checkpoint; returns (model in eval mode, its payload)."""
+    """Rebuild the RGNN of a checkpoint; returns (model in eval mode, its payload).
+
+    The model_config is built first on the meta device (no memory), and every tensor it implies must be
+    in the weights with its shape: a config asking for more (hidden=10_000_000) than the file holds is
+    refused before anything is allocated. Weights with a NaN or inf are refused too (they would score NaN).
+
+    Raises:
+        ValueError: the config, the weights' names or shapes, or non-finite weights (the message names
+            the file and the tensor).
+    """
     file = resolve_checkpoint(path)
     payload = read_payload(file, map_location)
     try:
-        model = RGNN(ModelConfig(**{**payload.model_config, "weights": None}))
+        cfg = ModelConfig(**{**payload.model_config, "weights": None})
+        with torch.device("meta"):
+            expected = RGNN(cfg).state_dict()
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{file} is not an RGNN checkpoint of this code: {e!r}") from None
+    _check_weights(payload.model, expected, file)
+    try:
+        model = RGNN(cfg)
         model.load_state_dict(payload.model)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{file} is not an RGNN checkpoint of this code: {e!r}") from None
     return model.eval(), payload
+
+
+def _check_weights(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
+    """`weights` has the names and shapes of `expected` (a meta-device state_dict) and finite floats, else
+    a ValueError naming `file` and the first tensor at fault."""
+    missing, unknown = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unknown:
+        raise ValueError(f"{file} is not an RGNN checkpoint of its model_config: weights missing {missing[:5]}, "
+                         f"unknown {unknown[:5]}")
+    for key, want in expected.items():
+        got = weights[key]
+        if got.shape != want.shape:
+            raise ValueError(f"{file} is not an RGNN checkpoint of its model_config: {key} has shape "
+                             f"{tuple(got.shape)}, the config implies {tuple(want.shape)}")
+        if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise ValueError(f"{file}: weight {key} holds {bad} NaN or inf values of {got.numel()}, "
+                             "and a model with them scores NaN")

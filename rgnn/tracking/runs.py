@@ -1,6 +1,7 @@
-"""MLflow at the edge: resolve and check the tracking store, one run per training, rank-0 logging,
-parent runs of a search or an ablation. The training engine never imports this module: its
-callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.train.stages.Hooks."""
+"""MLflow at the edge: resolve and check the tracking store, one run per training (training_run: opened
+and ended here), rank-0 logging, parent runs of a search or an ablation, and what the callers read back
+(a run's status, results and metric history, a parent's child runs). The training engine never imports
+this module: its callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.train.stages.Hooks."""
 from __future__ import annotations
 
 import base64
@@ -124,6 +125,31 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     else:
         client.update_run(run_id, status="RUNNING")
     return run_id
+
+
+@contextmanager
+def training_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+                 run_id: str | None = None) -> Iterator[str]:
+    """The run of one training (start_run: created, or reopened with run_id) for the block, which gets its id.
+
+    The run ends FINISHED when the block does and FAILED on any exception, Ctrl+C included. Only the
+    process that opened it ends it: workers log into it (RunLogger) and leave it RUNNING (RunLogger.model),
+    so FINISHED means that the whole training ran (what tune/search.py replays a trial from).
+    """
+    run_id = start_run(uri, experiment, run_name, params, tags, run_id)
+    client = MlflowClient(uri)
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def run_results(uri: str, run_id: str) -> tuple[dict[str, float], dict[str, str]]:
+    """A run's metrics (the latest value of each) and tags."""
+    data = MlflowClient(uri).get_run(run_id).data
+    return data.metrics, data.tags
 
 
 def dataset_input(split_dir: str, manifest: dict, context: str) -> DatasetInput:

@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from rgnn.io.redaction import redact, scrub
@@ -146,10 +146,34 @@ def training_run(uri: str, experiment: str, run_name: str, params: dict, tags: d
     client.set_terminated(run_id, "FINISHED")
 
 
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED, KILLED (or SCHEDULED)."""
+    return MlflowClient(uri).get_run(run_id).info.status
+
+
 def run_results(uri: str, run_id: str) -> tuple[dict[str, float], dict[str, str]]:
     """A run's metrics (the latest value of each) and tags."""
     data = MlflowClient(uri).get_run(run_id).data
     return data.metrics, data.tags
+
+
+def metric_history(uri: str, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of a run's metric `key`; a step logged twice (an epoch run again) has its last value."""
+    return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
+
+
+def child_runs(uri: str, parent: str) -> list[Run]:
+    """The runs whose parent is run `parent` (the trials of a search, the rows of an ablation)."""
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def mark_stopped_early(uri: str, run_id: str) -> None:
+    """A trial that the search's scheduler stopped: tagged stopped_early, ended KILLED."""
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "stopped_early", "true")
+    client.set_terminated(run_id, "KILLED")
 
 
 def dataset_input(split_dir: str, manifest: dict, context: str) -> DatasetInput:

@@ -39,7 +39,7 @@ from rgnn.nn.model import RGNN
 from rgnn.io.checkpoint import STAGE1_KEYS, CheckpointPayload, check_classes, read_payload, write_payload
 from rgnn.io.storage import write_json, write_text
 from rgnn.tables import ap_table, to_markdown
-from rgnn.tracking.runs import RunLogger, parent_run, resolve_tracking_uri, start_run
+from rgnn.tracking.runs import RunLogger, parent_run, resolve_tracking_uri, training_run
 from rgnn.train.stages import Hooks, epoch_line, model_config, run_stages
 from rgnn.cli import user_errors
 
@@ -145,24 +145,24 @@ def _summarise(by_seed: dict[str, dict], seeds) -> dict:
 def _train_row(name: str, cfg: TrainConfig, model: RGNN, names: list[str], train_dir: Path, val_dir: Path,
                device: torch.device, uri: str, parent: str) -> dict:
     seed = cfg.schedule.seed
-    run_id = start_run(uri, cfg.tracking.experiment, f"{name} (seed {seed})", cfg.flat(),
-                       {"mlflow.parentRunId": parent, "gate": cfg.model.gate, "backbone": cfg.model.backbone,
-                        "dataset": cfg.dataset, "ablation_row": name, "seed": seed})
-    log = RunLogger(uri, run_id)
-    print(f"== {name} (seed {seed})", flush=True)
-    def on_warning(message: str) -> None:
-        print(message, flush=True)
-        log.tag("warning", "loss_not_falling")
+    tags = {"mlflow.parentRunId": parent, "gate": cfg.model.gate, "backbone": cfg.model.backbone,
+            "dataset": cfg.dataset, "ablation_row": name, "seed": seed}
+    with training_run(uri, cfg.tracking.experiment, f"{name} (seed {seed})", cfg.flat(), tags) as run_id:
+        log = RunLogger(uri, run_id)
+        print(f"== {name} (seed {seed})", flush=True)
 
-    def on_epoch(state, metrics: dict, result: dict | None) -> None:
-        log.epoch(state, metrics, result)
-        print(epoch_line(metrics, result), flush=True)
+        def on_warning(message: str) -> None:
+            print(message, flush=True)
+            log.tag("warning", "loss_not_falling")
 
-    hooks = Hooks(on_step=log.step, on_epoch=on_epoch, on_warning=on_warning)
-    _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=hooks)
-    log.class_aps(names, result["ap"])
-    log.flush()
-    log.client.set_terminated(run_id, "FINISHED")
+        def on_epoch(state, metrics: dict, result: dict | None) -> None:
+            log.epoch(state, metrics, result)
+            print(epoch_line(metrics, result), flush=True)
+
+        hooks = Hooks(on_step=log.step, on_epoch=on_epoch, on_warning=on_warning)
+        _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=hooks)
+        log.class_aps(names, result["ap"])
+        log.flush()
     return {"mAP": result["mAP"], "ap": [float(a) for a in result["ap"]], "run_id": run_id,
             "gate_auc": result.get("gate_auc")}
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import ray
-from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -30,8 +29,8 @@ from rgnn.train.pretrain import pretrained_weights
 from rgnn.train.schedule import STAGES
 from rgnn.train.stages import CHECKPOINT_SCORE
 from rgnn.io.storage import write_json, write_text
-from rgnn.tracking.runs import (RunLogger, check_reachable, class_metric, dataset_input, git_commit, recall_metrics, register_model,
-                           resolve_tracking_uri, start_run)
+from rgnn.tracking.runs import (RunLogger, check_reachable, class_metric, dataset_input, git_commit, recall_metrics,
+                                register_model, resolve_tracking_uri, run_results, training_run)
 from rgnn.cli import user_errors
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -136,17 +135,41 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     if parent:
         tags["mlflow.parentRunId"] = parent
     # a run folder that already has an MLflow run (--resume, a restarted Tune trial) continues it
-    run_id = start_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags, mlflow_run_id(run_dir))
-    write_text(storage.join(run_dir, RUN_ID_FILE), run_id)
-    log = RunLogger(uri, run_id)
-    manifests = {d: shards.read_manifest(d) for d in (train_dir, val_dir)}
-    log.datasets([dataset_input(d, m, context) for (d, m), context in zip(manifests.items(), ("training", "validation"))])
-    log.tag("mlflow.note.content", describe(cfg, *manifests.values()))  # the run's description in the UI
-    for split_dir, manifest in manifests.items():  # the shards' proposal recall, per area bin
-        log.metrics(recall_metrics(storage.basename(split_dir), manifest.get("proposal_recall", {})), 0)
-    log.flush()
+    with training_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags,
+                      mlflow_run_id(run_dir)) as run_id:
+        write_text(storage.join(run_dir, RUN_ID_FILE), run_id)
+        log = RunLogger(uri, run_id)
+        manifests = {d: shards.read_manifest(d) for d in (train_dir, val_dir)}
+        log.datasets([dataset_input(d, m, context) for (d, m), context in zip(manifests.items(), ("training", "validation"))])
+        log.tag("mlflow.note.content", describe(cfg, *manifests.values()))  # the run's description in the UI
+        for split_dir, manifest in manifests.items():  # the shards' proposal recall, per area bin
+            log.metrics(recall_metrics(storage.basename(split_dir), manifest.get("proposal_recall", {})), 0)
+        log.flush()
 
-    trainer = TorchTrainer(
+        result = trainer(cfg, train_dir, val_dir, uri, run_id, gpus, storage_path, callbacks).fit()
+    last = result.metrics or {}
+    maps = last.get("maps", {})
+    metrics, run_tags = run_results(uri, run_id)
+    summary = {"run_id": run_id,
+               "checkpoint": checkpoint_uri(result.checkpoint) if result.checkpoint else None,
+               "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
+               "map": maps,
+               "per_class_ap": {n: metrics[class_metric(n)] for n in class_names if class_metric(n) in metrics},
+               "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
+               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment,
+               "model_uri": run_tags.get("model_uri")}
+    if cfg.tracking.register_model and summary["model_uri"]:
+        summary["registered_model"] = register_model(uri, summary["model_uri"], cfg.tracking.register_model)
+    if summary_path:
+        write_json(summary_path, summary)
+    return summary
+
+
+def trainer(cfg: TrainConfig, train_dir: Path | str, val_dir: Path | str, uri: str, run_id: str, gpus: float,
+            storage_path: str, callbacks: list | None) -> TorchTrainer:
+    """Ray Train's trainer of one training: `cfg.cluster.workers` DDP workers logging to MLflow run `run_id`."""
+    c = cfg.cluster
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_flat(), "train_dir": str(train_dir), "val_dir": str(val_dir),
                            "tracking_uri": uri, "run_id": run_id},
@@ -159,29 +182,6 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
                                                                 checkpoint_score_order="max"),
                              callbacks=callbacks),
     )
-    client = MlflowClient(uri)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    last = result.metrics or {}
-    maps = last.get("maps", {})
-    run = client.get_run(run_id).data
-    summary = {"run_id": run_id,
-               "checkpoint": checkpoint_uri(result.checkpoint) if result.checkpoint else None,
-               "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
-               "map": maps,
-               "per_class_ap": {n: run.metrics[class_metric(n)] for n in class_names if class_metric(n) in run.metrics},
-               "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
-               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment,
-               "model_uri": run.tags.get("model_uri")}
-    if cfg.tracking.register_model and summary["model_uri"]:
-        summary["registered_model"] = register_model(uri, summary["model_uri"], cfg.tracking.register_model)
-    if summary_path:
-        write_json(summary_path, summary)
-    return summary
 
 
 def best_checkpoint(kept: list[tuple]) -> dict | None:

@@ -8,10 +8,12 @@
     rgnn.infer     predict, evaluate, visualize           base, nn, io, data, train
     rgnn.tracking  everything MLflow                      all of the above
 
-No module of rgnn/ imports Ray; only rgnn.tracking imports MLflow at module level (a command's `main`
-may import rgnn.tracking to log, and rgnn.io.checkpoint fetches a models:/ URI through MLflow when
-given one). Outside rgnn/, sharding/ imports nothing of cluster/ (cluster/ builds shards through it).
-The static rules are read from the source; the fresh-interpreter checks load the modules.
+No module of rgnn/ imports Ray; only rgnn.tracking imports MLflow, even inside a function (a command's
+`main` may import rgnn.tracking to log, and rgnn.io.checkpoint hands an MLflow URI or Model folder to
+rgnn.tracking.models, importing it then). Outside rgnn/, cluster/, tune/ and sharding/ import no MLflow
+at module level: they open, end and read runs through rgnn.tracking; sharding/ imports nothing of
+cluster/ (cluster/ builds shards through it). The static rules are read from the source; the
+fresh-interpreter checks load the modules.
 """
 from __future__ import annotations
 
@@ -108,6 +110,20 @@ def test_each_module_imports_only_its_layers_below(module):
 def test_no_rgnn_module_imports_ray_even_inside_a_function():
     for module in MODULES:
         assert not any(n.split(".")[0] == "ray" for n in all_imports(source(module))), module
+
+
+def test_only_rgnn_tracking_imports_mlflow_even_inside_a_function():
+    for module in MODULES:
+        if package_of(module) != "rgnn.tracking":
+            assert not any(n.split(".")[0] == "mlflow" for n in all_imports(source(module))), module
+
+
+def test_cluster_tune_and_sharding_import_no_mlflow_at_module_level():
+    """They reach MLflow through rgnn.tracking (its runs' lifecycle, what is read back from them)."""
+    files = sorted(f for folder in ("cluster", "tune", "sharding") for f in (ROOT / folder).rglob("*.py"))
+    assert {"driver.py", "ablation.py", "search.py", "job.py"} <= {f.name for f in files}
+    for path in files:
+        assert not any(n.split(".")[0] == "mlflow" for n in module_level_imports(path)), path.relative_to(ROOT)
 
 
 def test_the_rules_catch_an_upward_import(tmp_path):

@@ -14,7 +14,6 @@ import json
 import math
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -26,7 +25,8 @@ from rgnn.io import storage
 from rgnn.io.redaction import redact
 from rgnn.train.config import TrainConfig, build_parser, config_from_args, resolve
 from rgnn.io.storage import write_json
-from rgnn.tracking.runs import parent_run, resolve_tracking_uri
+from rgnn.tracking.runs import (child_runs, mark_stopped_early, metric_history, parent_run, resolve_tracking_uri,
+                                run_status)
 from tune.plots import plot_trials
 from tune.space import apply, load_space, shares_stages, to_tune
 
@@ -77,10 +77,9 @@ def replay_finished(run_dir: str | Path, tracking_uri: str) -> bool:
     run_id = mlflow_run_id(run_dir)
     if run_id is None:
         return False
-    client = MlflowClient(tracking_uri)
-    if client.get_run(run_id).info.status != "FINISHED":
+    if run_status(tracking_uri, run_id) != "FINISHED":
         return False
-    history = {m.step: m.value for m in client.get_metric_history(run_id, METRIC)}  # a restarted epoch logs twice
+    history = metric_history(tracking_uri, run_id, METRIC)  # a restarted epoch logs twice
     for step in sorted(history):
         tune.report({METRIC: history[step], "replayed": True})
     return True
@@ -162,17 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
         return finish(grid, base, space, out, log)
 
 
-def _close_trial_runs(client, grid, parent: str) -> None:
+def _close_trial_runs(uri: str, grid, parent: str) -> None:
     """A trial that ASHA stops is killed inside its training, leaving its MLflow run RUNNING or
     FAILED (fit() marks a run FINISHED only when every epoch ran): mark those KILLED."""
-    experiment = client.get_run(parent).info.experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")}
+    runs = {r.info.run_name: r for r in child_runs(uri, parent)}
     for result in grid:
         run = runs.get(f"trial {result.metrics.get('trial_id')}") if result.metrics else None
         if run is None or result.error is not None or run.info.status == "FINISHED":
             continue
-        client.set_tag(run.info.run_id, "stopped_early", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        mark_stopped_early(uri, run.info.run_id)
 
 
 def finish(grid, base: TrainConfig, space: dict, out: Path, log) -> dict:
@@ -191,7 +188,7 @@ def finish(grid, base: TrainConfig, space: dict, out: Path, log) -> dict:
     write_json(out / "best_config.json", best_cfg)
     write_json(out / "trials.json", rows)
     plot_trials(rows, out / "map_vs_lr.png")
-    _close_trial_runs(log.client, grid, log.run_id)
+    _close_trial_runs(log.uri, grid, log.run_id)
     for name in ("best_config.json", "trials.json", "map_vs_lr.png"):
         log.artifact(out / name)
     log.metric("best/val_mAP", best["val_map"], 0)

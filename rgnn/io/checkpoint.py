@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import yaml
 
 from rgnn.io import storage
 from rgnn.nn.model import RGNN, STAGES, ModelConfig
@@ -27,7 +26,6 @@ from rgnn.io.storage import atomic_write, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
-MODEL_ARTIFACT = "checkpoint"  # in an MLflow Model (rgnn.tracking.pyfunc): the pyfunc artifact holding the folder
 CACHE = Path.home() / ".cache" / "rgnn"  # where checkpoints named by a URI are downloaded
 MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint.pt downloaded from an object store (VGG-16 + Adam state: ~1.7 GB)
 MAX_CONFIG_BYTES = 16 << 20
@@ -195,40 +193,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """
     text = str(path)
     if text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow  # only needed for MLflow URIs
+        from rgnn.tracking import models  # MLflow, only for an MLflow URI or Model
 
-        # one folder per store and URI (models:/NAME/1 of two servers differ)
-        dst = CACHE / "mlflow" / hashlib.sha1(f"{mlflow.get_tracking_uri()} {text}".encode()).hexdigest()[:16]
-        dst.mkdir(parents=True, exist_ok=True)
-        text = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
+        p = models.download(text, CACHE / "mlflow")
     elif storage.is_uri(text):
         return _fetch_checkpoint(text)
-    p = Path(text)
+    else:
+        p = Path(text)
     if (p / "MLmodel").is_file():
-        p = _model_checkpoint(p)
+        from rgnn.tracking import models
+
+        p = models.model_checkpoint(p)
     if p.is_dir():
         p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     return p
-
-
-def _model_checkpoint(folder: Path) -> Path:
-    """The checkpoint folder inside an MLflow Model folder, as its MLmodel file names it (read as plain
-    YAML, at most MAX_CONFIG_BYTES; a path leading outside the folder is refused)."""
-    mlmodel = folder / "MLmodel"
-    if mlmodel.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{mlmodel}: over {MAX_CONFIG_BYTES} bytes, not an MLmodel file")
-    try:
-        meta = yaml.safe_load(mlmodel.read_text())
-        rel = meta["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
-        target = (folder / rel).resolve()
-    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{mlmodel}: not an RGNN MLflow Model (no python_function artifact "
-                         f"{MODEL_ARTIFACT!r}): {e!r}") from None
-    if not target.is_relative_to(folder.resolve()):
-        raise ValueError(f"{mlmodel}: its {MODEL_ARTIFACT!r} artifact {rel!r} points outside the model folder")
-    return target
 
 
 def _fetch_checkpoint(uri: str) -> Path:

@@ -23,9 +23,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from rgnn.io.checkpoint import MODEL_ARTIFACT
 from rgnn.data.images import decode_image
 from rgnn.infer.predict import Predictor
+from rgnn.tracking.models import MODEL_ARTIFACT
 
 IMAGE_COLUMN = "image"
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow", "opencv-contrib-python-headless", "mlflow")

@@ -1,6 +1,7 @@
-"""MLflow at the edge: resolve and check the tracking store, one run per training, rank-0 logging,
-parent runs of a search or an ablation. The training engine never imports this module: its
-callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.train.stages.Hooks."""
+"""MLflow at the edge: resolve and check the tracking store, one run per training (training_run: opened
+and ended here), rank-0 logging, parent runs of a search or an ablation, and what the callers read back
+(a run's status, results and metric history, a parent's child runs). The training engine never imports
+this module: its callers hand `RunLogger.step` / `RunLogger.epoch` to rgnn.train.stages.Hooks."""
 from __future__ import annotations
 
 import base64
@@ -22,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from rgnn.io.redaction import redact, scrub
@@ -124,6 +125,55 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     else:
         client.update_run(run_id, status="RUNNING")
     return run_id
+
+
+@contextmanager
+def training_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+                 run_id: str | None = None) -> Iterator[str]:
+    """The run of one training (start_run: created, or reopened with run_id) for the block, which gets its id.
+
+    The run ends FINISHED when the block does and FAILED on any exception, Ctrl+C included. Only the
+    process that opened it ends it: workers log into it (RunLogger) and leave it RUNNING (RunLogger.model),
+    so FINISHED means that the whole training ran (what tune/search.py replays a trial from).
+    """
+    run_id = start_run(uri, experiment, run_name, params, tags, run_id)
+    client = MlflowClient(uri)
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED, KILLED (or SCHEDULED)."""
+    return MlflowClient(uri).get_run(run_id).info.status
+
+
+def run_results(uri: str, run_id: str) -> tuple[dict[str, float], dict[str, str]]:
+    """A run's metrics (the latest value of each) and tags."""
+    data = MlflowClient(uri).get_run(run_id).data
+    return data.metrics, data.tags
+
+
+def metric_history(uri: str, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of a run's metric `key`; a step logged twice (an epoch run again) has its last value."""
+    return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
+
+
+def child_runs(uri: str, parent: str) -> list[Run]:
+    """The runs whose parent is run `parent` (the trials of a search, the rows of an ablation)."""
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def mark_stopped_early(uri: str, run_id: str) -> None:
+    """A trial that the search's scheduler stopped: tagged stopped_early, ended KILLED."""
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "stopped_early", "true")
+    client.set_terminated(run_id, "KILLED")
 
 
 def dataset_input(split_dir: str, manifest: dict, context: str) -> DatasetInput:

@@ -309,28 +309,16 @@ def log_run(uri: str, settings: PretrainSettings, path: Path) -> str:
     Params: the settings. Metrics: "train/loss", "val/acc", "val/acc_target" per epoch (step =
     epoch), from the `.json` history beside `path` (none if it is gone). Artifact: the weights file.
     """
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    from rgnn.tracking.runs import check_reachable, experiment_id, resolve_tracking_uri
+    from rgnn.tracking.runs import RunLogger, resolve_tracking_uri, training_run
 
     uri = resolve_tracking_uri(uri)
-    check_reachable(uri)
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, EXPERIMENT, uri)
-    run_id = client.create_run(exp_id, run_name=path.stem, tags={"weights": str(path)}).info.run_id
-    try:
+    with training_run(uri, EXPERIMENT, path.stem, asdict(settings), {"weights": str(path)}) as run_id:
+        log = RunLogger(uri, run_id)
         doc = path.with_suffix(".json")
-        history = json.loads(doc.read_text())["history"] if doc.is_file() else []
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(row[k]), now, row["epoch"]) for row in history
-                   for k in ("train/loss", "val/acc", "val/acc_target")]
-        client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in asdict(settings).items()])
-        client.log_artifact(run_id, str(path))
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id)
+        for row in json.loads(doc.read_text())["history"] if doc.is_file() else []:
+            log.metrics({k: row[k] for k in ("train/loss", "val/acc", "val/acc_target")}, row["epoch"])
+        log.flush()
+        log.artifact(path)
     return run_id
 
 

@@ -57,6 +57,22 @@ def test_resume_continues_from_the_saved_state(shard_root):
     assert seen == [("regional", 2, 7 + steps)]  # only the epoch that was left
 
 
+def test_a_restart_after_the_last_epoch_evaluates_again_for_the_artifacts(shard_root):
+    """A worker that fails after its last report (logging the artifacts) restarts at the end: nothing
+    trains, and the last stage's evaluation comes back so the artifacts are logged (or fail) again."""
+    cfg = tiny_cfg(shard_root, epochs=[0, 2, 0, 0], gate="none")
+    names = shards.class_names(shard_root / "train2017")
+    model = RGNN(model_config(cfg, len(names)))
+    seen = []
+    state = TrainState(stage="regional", epoch=2, global_step=9)
+    stage, result = run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017",
+                               torch.device("cpu"), state=state, hooks=Hooks(report=lambda s, m: seen.append(s.stage)))
+    assert seen == [] and state.global_step == 9  # nothing trained
+    assert stage == "regional" and 0.0 <= result["mAP"] <= 1.0 and result["scores"].shape[1] == len(names)
+    assert run_stages(cfg, model, names, shard_root / "train2017", shard_root / "val2017", torch.device("cpu"),
+                      state=TrainState(stage="regional", epoch=1, global_step=7))[0] == "regional"
+
+
 def test_missing_and_corrupt_shards_are_named(shard_root, tmp_path):
     broken = tmp_path / "shards"
     shutil.copytree(shard_root, broken)

@@ -151,15 +151,20 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
         model: the bare RGNN on `device`, with the weights `state` describes.
 
     Returns:
-        (last stage, its final evaluation) or None when no stage ran.
+        (last stage, its final evaluation), or None when no stage ran. A state at the end of the last
+        stage (a worker restarted after its last report, while the artifacts were logged) trains
+        nothing and evaluates that stage again, so the caller logs the artifacts again (or fails again)
+        instead of ending the run without them.
     """
     s, inputs = cfg.schedule, cfg.input
     state = state or TrainState(stage=cfg.cluster.start_stage)
+    stages = stages_to_run(s.epochs, cfg.cluster.start_stage, model.gate is not None)
+    finished = bool(stages) and state.stage == stages[-1] and state.epoch >= s.epochs[STAGES.index(state.stage)]
     model.to(memory_format=memory_format(s.memory_format))  # in place: the parameters stay the same objects
     steps = shards.steps_per_epoch(train_dir, s.batch_size, world)
     voc07 = cfg.dataset == "voc" and "2007" in str(cfg.data.voc_root)
     final = None
-    for stage in stages_to_run(s.epochs, cfg.cluster.start_stage, model.gate is not None):
+    for stage in stages:
         si = STAGES.index(stage)
         if si < STAGES.index(state.stage):
             continue
@@ -239,4 +244,8 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
             if hooks.report is not None:
                 hooks.report(state, {**metrics, "maps": dict(state.maps)})
         state.epoch, state.optimizer, state.ema = 0, None, None
+    if finished:
+        final = (stages[-1], validate(model, stages[-1], val_dir, inputs, s.batch_size, rank=rank, world=world,
+                                      device=device, loader_workers=cfg.cluster.loader_workers, voc07=voc07,
+                                      oracle=s.oracle_gates))
     return final

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n, r in job["actors"].items():
             where = f"{n} actor(s) on {job['ray_cpus']} CPUs" if n else "in this process"
             print(f"shard job, {where}: {job['n_images']} images "
-                  f"{job['width']}x{job['height']} in {r['seconds']:.1f} s, {r['images_per_s']:.1f} images/s")
+                  f"{job['width']}x{job['height']} in {r['seconds']:.3g} s, {r['images_per_s']:.1f} images/s")
         if len(job["actors"]) > 1:
             verdict = "meets" if job["speedup"] >= TARGET_SHARD_SPEEDUP else "misses"
             print(f"shard job: {max(job['actors'])} actors {job['speedup']:.2f}x {min(job['actors'])} actor(s), "

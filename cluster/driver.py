@@ -30,7 +30,7 @@ from rgnn.train.schedule import STAGES
 from rgnn.train.stages import CHECKPOINT_SCORE
 from rgnn.io.storage import write_json, write_text
 from rgnn.tracking.runs import (RunLogger, check_reachable, class_metric, dataset_input, git_commit, recall_metrics,
-                                register_model, resolve_tracking_uri, run_results, training_run)
+                                register_model, resolve_tracking_uri, run_page, run_results, training_run)
 from rgnn.cli import user_errors
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -129,8 +129,9 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
 
     init_ray(c.address)
     c.workers, gpus = scaling(c, ray.cluster_resources().get("GPU", 0))
+    commit = cfg.tracking.git_commit or git_commit()  # the UI shows mlflow.source.git.commit as the run's source
     tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
-            "git_commit": git_commit(), "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,
+            "git_commit": commit, "mlflow.source.git.commit": commit, "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,
             "defaults_chosen": json.dumps(cfg.chosen)[:5000]}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -156,7 +157,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
                "map": maps,
                "per_class_ap": {n: metrics[class_metric(n)] for n in class_names if class_metric(n) in metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
-               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment,
+               "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment, "ui": run_page(uri, run_id),
                "model_uri": run_tags.get("model_uri")}
     if cfg.tracking.register_model and summary["model_uri"]:
         summary["registered_model"] = register_model(uri, summary["model_uri"], cfg.tracking.register_model)
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = fit(cfg, summary_path=summary_path)
     final = list(summary["map"].items())
     print(f"\nMLflow run {summary['run_id']} in experiment {summary['experiment']!r} at {summary['tracking_uri']}")
-    print(f"  see it: mlflow ui --backend-store-uri {summary['tracking_uri']}   (then open http://127.0.0.1:5000)")
+    served = summary["tracking_uri"].startswith(("http://", "https://"))
+    print(f"  see it: {summary['ui']}" + ("" if served else
+          f"   (after mlflow ui --backend-store-uri {summary['tracking_uri']})"))
     print("  val mAP per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in final))
     if final:
         print(f"  final val mAP: {final[-1][1]:.4f}")

@@ -180,7 +180,8 @@ def test_every_tracking_scheme_that_cannot_work_fails_at_once(tmp_path):
     ("--epochs", "1,2,3"), ("--epochs", "1,-1,1,1"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-3"),
     ("--batch-size", "0"), ("--batch-size", "2.5"), ("--workers", "0"), ("--max-failures", "-1"),
     ("--cpus-per-worker", "-1"), ("--dropout", "1"), ("--image-size", "20000"), ("--max-regions", "-3"),
-    ("--scales", "3"), ("--synthetic-train", "0"), ("--warmup", "inf"), ("--name", "../x"), ("--name", "a/b")])
+    ("--scales", "3"), ("--synthetic-train", "0"), ("--warmup", "inf"), ("--name", "../x"), ("--name", "a/b"),
+    ("--git-commit", "main"), ("--git-commit", "")])
 def test_bad_flag_values_are_argparse_errors_naming_the_flag(flag, value, capsys):
     from rgnn.train.config import parse_args
 

@@ -1,6 +1,7 @@
 """What the MLflow UI shows of a training run, checked in a real browser (headless Chromium against an
 `mlflow server` on loopback): the run page's logged model, data sets, metrics, description, source and
-user; its system metrics; the registered model version's page with the signature."""
+user; its commit; the model-training view its link opens; its system metrics; the registered model
+version's page with the signature."""
 from __future__ import annotations
 
 import html
@@ -17,10 +18,11 @@ import services
 from cluster.driver import describe
 from rgnn.train.config import TrainConfig
 from rgnn.data import shards
-from rgnn.tracking.runs import RunLogger, dataset_input, register_model, start_run, system_metrics
+from rgnn.tracking.runs import RunLogger, dataset_input, register_model, run_page, start_run, system_metrics
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODEL = "rgnn-ui"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # as the driver records --git-commit
 
 
 def page_text(url: str, budget_ms: int = 20000) -> str:
@@ -43,7 +45,8 @@ def ui(trained, tmp_path_factory):
     train, val = trained / "shards" / "train2017", trained / "shards" / "val2017"
     manifests = [shards.read_manifest(train), shards.read_manifest(val)]
     cfg = TrainConfig.from_flat(json.loads((trained / "ckpt" / "config.json").read_text()))
-    run_id = start_run(uri, "ui", "synthetic-region-small", cfg.flat(), {"gate": "region"})
+    run_id = start_run(uri, "ui", "synthetic-region-small", cfg.flat(),
+                       {"gate": "region", "mlflow.source.git.commit": COMMIT})
     log = RunLogger(uri, run_id)
     log.datasets([dataset_input(str(train), manifests[0], "training"), dataset_input(str(val), manifests[1], "validation")])
     log.tag("mlflow.note.content", describe(cfg, *manifests))
@@ -74,6 +77,19 @@ def test_run_page_shows_model_datasets_metrics_description_source(ui):
     run = MlflowClient(ui["uri"]).get_run(ui["run_id"])
     assert f"Created by {run.data.tags['mlflow.user']}" in text
     assert "Source —" not in text
+    assert re.search(rf"Source \S+ {COMMIT[:7]} ", text), text[text.find("Source"):][:200]  # the script, its commit
+
+
+def test_the_runs_link_opens_the_model_training_view(ui):
+    link = run_page(ui["uri"], ui["run_id"])  # what the driver prints (its server: the tracking URI's, or mlflow ui's)
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/") and ui["run_id"] in link
+    text = page_text(link.replace("http://127.0.0.1:5000", ui["url"]))
+    assert "Model registry" in text and "Logged models (1)" in text
+    for genai in ("Token Usage", "Evaluation runs", "Prompts & versions"):
+        assert genai not in text
+    page, query = link.replace("http://127.0.0.1:5000", ui["url"]).split("?")
+    text = page_text(page.split("/runs/")[0] + "?" + query)  # the experiment's page, in the same view
+    assert "synthetic-region-small" in text and "Token Usage" not in text and "Evaluation runs" not in text
 
 
 def test_system_metrics_and_model_version_pages(ui):

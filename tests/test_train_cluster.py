@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 import services
 from rgnn.data.images import decode_image
 from rgnn.infer.predict import Predictor
+from rgnn.tracking.runs import git_commit
 
 pytestmark = pytest.mark.ray
 
@@ -59,8 +60,9 @@ def train_args(out: Path, cache: Path, *extra: str) -> list[str]:
 
 def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatch):
     db = f"sqlite:///{tmp_path}/mlflow.db"
+    commit = git_commit()  # as the README's command passes it: the uploaded copy has no .git
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
-           "python", *train_args(tmp_path, cache, "--tracking-uri", db)]
+           "python", *train_args(tmp_path, cache, "--git-commit", commit, "--tracking-uri", db)]
     run = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "succeeded" in run.stdout
@@ -85,7 +87,7 @@ def test_job_submit_smoke_test_logs_everything(head, cache, tmp_path, monkeypatc
     assert len({m.step for m in lam}) > 3 and max(m.value for m in lam) > 0  # per step, lambda > 0 in stage 4
     tags = mlrun.data.tags
     assert (tags["stage_reached"], tags["gate"], tags["backbone"], tags["dataset"]) == ("joint", "region", "small", "synthetic")
-    assert tags["ray_nodes"] == "1" and tags["git_commit"]
+    assert tags["ray_nodes"] == "1" and tags["git_commit"] == tags["mlflow.source.git.commit"] == commit
     assert mlrun.data.params["epochs"] == "[1, 1, 1, 2]" and mlrun.data.params["workers"] == "2"
     names = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"config.json", "per_class_ap.md", "per_class_ap.csv", "pr_curves.png", "gates"} <= names

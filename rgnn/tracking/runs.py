@@ -146,6 +146,17 @@ def training_run(uri: str, experiment: str, run_name: str, params: dict, tags: d
     client.set_terminated(run_id, "FINISHED")
 
 
+def run_page(uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in its model-training view: on the tracking server for an http(s)
+    URI, else where `mlflow ui` serves by default.
+
+    MLflow 3.17's UI opens in its GenAI view (Traces, Token Usage) unless the browser's workflow toggle or
+    the link's `workflowType` says otherwise; the experiment's kind tag does not choose the view."""
+    exp = MlflowClient(uri).get_run(run_id).info.experiment_id
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run_status(uri: str, run_id: str) -> str:
     """RUNNING, FINISHED, FAILED, KILLED (or SCHEDULED)."""
     return MlflowClient(uri).get_run(run_id).info.status

@@ -110,6 +110,7 @@ class TrackingConfig:
     tracking_uri: str | None = None
     experiment: str = "rgnn"
     register_model: str | None = None  # a Model Registry name the final MLflow Model is registered under
+    git_commit: str | None = None  # the source commit the run records; None: `git rev-parse HEAD` of the code
 
 
 def _model_defaults() -> ModelConfig:
@@ -374,6 +375,8 @@ def _check(cfg: TrainConfig) -> None:
                          f"pool layer {cfg.model.pool_layer!r}")
     if s.oracle_gates and cfg.model.gate != "none":
         raise ValueError("--oracle-gates replaces the gate unit: use it with --gate none")
+    if cfg.tracking.git_commit is not None and not COMMIT.fullmatch(cfg.tracking.git_commit):
+        raise ValueError(f"git_commit={cfg.tracking.git_commit!r}: expected a commit id (7-40 hex digits)")
     if c.start_stage != "global" and not (c.init_checkpoint or c.resume):
         raise ValueError(f"--start-stage {c.start_stage} needs --init-checkpoint (the weights to start from)")
 
@@ -400,6 +403,17 @@ def _ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+COMMIT = re.compile(r"[0-9a-f]{7,40}")
+
+
+def _commit(text: str) -> str:
+    """An argparse type: a git commit id."""
+    if not COMMIT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a commit id (7-40 hex digits, as git rev-parse HEAD prints), "
+                                         f"got {text!r}")
+    return text
 
 
 def _count(low: int, high: int | None = None):
@@ -553,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--register-model", metavar="NAME",
                    help="register the final model (an MLflow Model: pyfunc, base64 images in, class scores out) in "
                         "MLflow's Model Registry under NAME; then predict or serve it as models:/NAME/<version>")
+    o.add_argument("--git-commit", type=_commit, metavar="SHA",
+                   help="the source commit the MLflow run records (default: the checkout's HEAD; a copy uploaded by "
+                        "`ray job submit --working-dir .` has no .git, so pass --git-commit $(git rev-parse HEAD))")
     o.add_argument("--config", help="JSON/YAML file of settings (the same names, underscores); flags override it")
     o.add_argument("--summary", help="write a JSON summary (run id, checkpoint, mAP per stage, per-class AP) here")
     o.add_argument("--smoke-test", action="store_true", help="the whole pipeline on a tiny synthetic set in a few minutes")

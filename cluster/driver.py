@@ -91,6 +91,31 @@ def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.dataset}-{cfg.model.gate}-{cfg.model.backbone}"
 
 
+def run_folder(cfg: TrainConfig) -> tuple[str, str]:
+    """(storage, the run's folder in it): the run is named by --name, else by its setting and the time;
+    --resume needs the named folder to exist."""
+    c = cfg.cluster
+    storage_path = resolve_storage(c.storage)
+    if c.resume and not c.name:
+        raise ValueError("--resume needs --name: the run to continue")
+    c.name = c.name or f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = storage.join(storage_path, c.name)
+    if c.resume and not storage.isdir(run_dir):
+        raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage_path}")
+    return storage_path, run_dir
+
+
+def run_tags(cfg: TrainConfig, parent: str | None) -> dict[str, str]:
+    """The MLflow tags of a new training run (the UI shows mlflow.source.git.commit as its source)."""
+    commit = cfg.tracking.git_commit or git_commit()
+    tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
+            "git_commit": commit, "mlflow.source.git.commit": commit, "stage_reached": "none",
+            "ray_train_run": cfg.cluster.name, "recipe": cfg.recipe, "defaults_chosen": json.dumps(cfg.chosen)[:5000]}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
 def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = None, callbacks: list | None = None,
         parent: str | None = None, label: str | None = None, summary_path: str | None = None) -> dict:
     """Run one whole training; returns the summary dict (also written to summary_path).
@@ -107,13 +132,7 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
     check_weights(cfg)
     cfg.tracking.tracking_uri = uri
     c = cfg.cluster
-    storage_path = resolve_storage(c.storage)
-    if c.resume and not c.name:
-        raise ValueError("--resume needs --name: the run to continue")
-    c.name = c.name or f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = storage.join(storage_path, c.name)
-    if c.resume and not storage.isdir(run_dir):
-        raise FileNotFoundError(f"--resume: no run {c.name!r} under {storage_path}")
+    storage_path, run_dir = run_folder(cfg)
     check_address(c.address)  # a head that does not answer fails here, before any shard is built
     train_dir, val_dir = shard_dirs or prepare_shards(cfg.data, cfg.input, cfg.schedule.seed, address=c.address)
     class_names = shards.class_names(train_dir)
@@ -129,28 +148,15 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
 
     init_ray(c.address)
     c.workers, gpus = scaling(c, ray.cluster_resources().get("GPU", 0))
-    commit = cfg.tracking.git_commit or git_commit()  # the UI shows mlflow.source.git.commit as the run's source
-    tags = {"gate": cfg.model.gate, "backbone": cfg.model.backbone, "dataset": cfg.dataset,
-            "git_commit": commit, "mlflow.source.git.commit": commit, "stage_reached": "none", "ray_train_run": c.name, "recipe": cfg.recipe,
-            "defaults_chosen": json.dumps(cfg.chosen)[:5000]}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
     # a run folder that already has an MLflow run (--resume, a restarted Tune trial) continues it
-    with training_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), tags,
+    with training_run(uri, cfg.tracking.experiment, label or run_name(cfg), cfg.flat(), run_tags(cfg, parent),
                       mlflow_run_id(run_dir)) as run_id:
         write_text(storage.join(run_dir, RUN_ID_FILE), run_id)
-        log = RunLogger(uri, run_id)
-        manifests = {d: shards.read_manifest(d) for d in (train_dir, val_dir)}
-        log.datasets([dataset_input(d, m, context) for (d, m), context in zip(manifests.items(), ("training", "validation"))])
-        log.tag("mlflow.note.content", describe(cfg, *manifests.values()))  # the run's description in the UI
-        for split_dir, manifest in manifests.items():  # the shards' proposal recall, per area bin
-            log.metrics(recall_metrics(storage.basename(split_dir), manifest.get("proposal_recall", {})), 0)
-        log.flush()
-
+        log_inputs(RunLogger(uri, run_id), cfg, train_dir, val_dir)
         result = trainer(cfg, train_dir, val_dir, uri, run_id, gpus, storage_path, callbacks).fit()
     last = result.metrics or {}
     maps = last.get("maps", {})
-    metrics, run_tags = run_results(uri, run_id)
+    metrics, tags = run_results(uri, run_id)
     summary = {"run_id": run_id,
                "checkpoint": checkpoint_uri(result.checkpoint) if result.checkpoint else None,
                "best_checkpoint": best_checkpoint(result.best_checkpoints or []),
@@ -158,12 +164,22 @@ def fit(cfg: TrainConfig, shard_dirs: tuple[Path | str, Path | str] | None = Non
                "per_class_ap": {n: metrics[class_metric(n)] for n in class_names if class_metric(n) in metrics},
                "gates": {k: last[f"val/{k}"] for k in GATE_METRICS if f"val/{k}" in last},
                "tracking_uri": redact(uri), "experiment": cfg.tracking.experiment, "ui": run_page(uri, run_id),
-               "model_uri": run_tags.get("model_uri")}
+               "model_uri": tags.get("model_uri")}
     if cfg.tracking.register_model and summary["model_uri"]:
         summary["registered_model"] = register_model(uri, summary["model_uri"], cfg.tracking.register_model)
     if summary_path:
         write_json(summary_path, summary)
     return summary
+
+
+def log_inputs(log: RunLogger, cfg: TrainConfig, train_dir: Path | str, val_dir: Path | str) -> None:
+    """The run's data sets, description (what the UI shows) and the shards' proposal recall per area bin."""
+    manifests = {d: shards.read_manifest(d) for d in (train_dir, val_dir)}
+    log.datasets([dataset_input(d, m, context) for (d, m), context in zip(manifests.items(), ("training", "validation"))])
+    log.tag("mlflow.note.content", describe(cfg, *manifests.values()))
+    for split_dir, manifest in manifests.items():
+        log.metrics(recall_metrics(storage.basename(split_dir), manifest.get("proposal_recall", {})), 0)
+    log.flush()
 
 
 def trainer(cfg: TrainConfig, train_dir: Path | str, val_dir: Path | str, uri: str, run_id: str, gpus: float,

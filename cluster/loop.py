@@ -44,6 +44,27 @@ def quiet_logs() -> None:
         pass
 
 
+def restore(model: RGNN, cfg: TrainConfig, class_names: list[str], rank: int) -> TrainState:
+    """Load Ray Train's checkpoint into `model` (a restart after a worker failure, or --resume) and return
+    where training stands; else load --init-checkpoint's weights, or nothing, and start at --start-stage."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            payload = read_checkpoint(d)
+        check_classes(payload.class_names, class_names, "checkpoint")
+        model.load_state_dict(payload.model)
+        state = TrainState.from_payload(payload)
+        if rank == 0:
+            print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done",
+                  file=sys.__stdout__, flush=True)
+        return state
+    if cfg.cluster.init_checkpoint:
+        payload = read_checkpoint(cfg.cluster.init_checkpoint)
+        check_classes(payload.class_names, class_names, str(resolve_checkpoint(cfg.cluster.init_checkpoint)))
+        model.load_state_dict(payload.model)
+    return TrainState(stage=cfg.cluster.start_stage)
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig.from_flat(config["cfg"])
     if not cfg.cluster.verbose:
@@ -55,22 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_dir, val_dir = storage.location(config["train_dir"]), storage.location(config["val_dir"])
     class_names = shards.class_names(train_dir)
     model = RGNN(model_config(cfg, len(class_names)))
-    state = TrainState(stage=cfg.cluster.start_stage)
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restart after a worker failure, or --resume
-        with ckpt.as_directory() as d:
-            payload = read_checkpoint(d)
-        check_classes(payload.class_names, class_names, "checkpoint")
-        model.load_state_dict(payload.model)
-        state = TrainState.from_payload(payload)
-        if rank == 0:
-            print(f"resuming from checkpoint {ckpt.path}: stage {state.stage}, epoch {state.epoch} done",
-                  file=sys.__stdout__, flush=True)
-    elif cfg.cluster.init_checkpoint:
-        payload = read_checkpoint(cfg.cluster.init_checkpoint)
-        check_classes(payload.class_names, class_names, str(resolve_checkpoint(cfg.cluster.init_checkpoint)))
-        model.load_state_dict(payload.model)
+    state = restore(model, cfg, class_names, rank)
     model.to(device)
     log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     nodes = [None] * world

@@ -40,7 +40,7 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python sharding/build_shards.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("input (one of; neither: the built-in synthetic set)")
@@ -70,27 +70,18 @@ def main(argv: list[str] | None = None) -> None:
                                       "local cluster, else a new local Ray)")
     cl.add_argument("--num-cpus", type=int, help="CPUs of a new local Ray (default: all of this machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if a.coco_root and a.voc_root:
         p.error("give --coco-root or --voc-root, not both")
     with user_errors():  # a bad input names itself, no traceback
-        if a.voc_root:
-            from rgnn.data.voc import read_voc  # noqa: PLC0415
-
-            labeled = read_voc(a.voc_root, a.voc_split, a.voc_year)
-        else:
-            from rgnn.data.coco import read_coco  # noqa: PLC0415
-
-            root = a.coco_root
-            if root is None:
-                from rgnn.data.synthetic import generate  # noqa: PLC0415
-
-                root = Path(a.synthetic_dir).expanduser()
-                if not (root / "annotations" / f"instances_{a.split}.json").is_file():
-                    generate(root)
-            labeled = read_coco(root, a.split)
+        labeled = read_input(a)
         params = dataclasses.replace(ProposalParams(), max_boxes=a.max_boxes)
         if a.actors != 0:
             init_ray(a.address, a.num_cpus)
@@ -101,6 +92,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{split_dir}: {m['samples']} samples in {len(m['shards'])} shards, {len(m['skipped'])} inputs "
               f"skipped (listed in {MANIFEST}), {time.time() - t0:.1f} s")
     print(recall_line(m))
+
+
+def read_input(a: argparse.Namespace):
+    """The LabeledSet the flags name: a VOC image set, a COCO split, or the synthetic set (generated if missing)."""
+    if a.voc_root:
+        from rgnn.data.voc import read_voc  # noqa: PLC0415
+
+        return read_voc(a.voc_root, a.voc_split, a.voc_year)
+    from rgnn.data.coco import read_coco  # noqa: PLC0415
+
+    root = a.coco_root
+    if root is None:
+        from rgnn.data.synthetic import generate  # noqa: PLC0415
+
+        root = Path(a.synthetic_dir).expanduser()
+        if not (root / "annotations" / f"instances_{a.split}.json").is_file():
+            generate(root)
+    return read_coco(root, a.split)
 
 
 def recall_line(manifest: dict) -> str:

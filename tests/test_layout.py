@@ -181,3 +181,35 @@ def test_the_project_speaks_of_itself_alone():
     found = [f"{path}:{i}" for path in tracked for i, line in enumerate((ROOT / path).read_text().splitlines(), 1)
              if pattern.search(line)]
     assert found == []
+
+
+MAX_LINES = 60
+
+
+def long_functions(path: Path) -> list[str]:
+    """The functions of a file longer than MAX_LINES, but for argument tables (at least half of their
+    lines inside `add_argument` calls)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        table = {line for call in ast.walk(node) if isinstance(call, ast.Call)
+                 and isinstance(call.func, ast.Attribute) and call.func.attr == "add_argument"
+                 for line in range(call.lineno, call.end_lineno + 1)}
+        if length > MAX_LINES and len(table) < length / 2:
+            found.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_sixty_lines_but_argument_tables():
+    sources = [p for folder in ("rgnn", "cluster", "sharding", "tune", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    assert len(sources) > 40
+    assert [f for path in sources for f in long_functions(path)] == []
+
+
+def test_the_length_rule_catches_a_long_function_and_spares_an_argument_table(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_LINES))
+    table = "".join(f"    p.add_argument('--a{i}')\n" for i in range(MAX_LINES))
+    (tmp_path / "m.py").write_text(f"def long():\n{body}\n\ndef parser(p):\n{table}")
+    assert [f.split()[1] for f in long_functions(tmp_path / "m.py")] == ["long"]

@@ -121,16 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
               "share_stages": str(share)}
     with parent_run(base.tracking.tracking_uri, base.tracking.experiment, f"search {out.name}", params,
                     {"kind": "search", "dataset": base.dataset}, state, lambda: write_json(state_file, state)) as log:
-        init_checkpoint = None
-        if share:  # stages 1-3 once; their checkpoint starts every trial's stage 4
-            if "shared_checkpoint" not in state:
-                shared = resolve(base.copy(epochs=base.schedule.epochs[:3] + [0], name=f"{out.name}-stages-1-3"))
-                summary = fit(shared, shard_dirs=tuple(storage.location(d) for d in shard_dirs), parent=log.run_id,
-                              label="stages 1-3 (shared)")
-                state["shared_checkpoint"] = summary["checkpoint"]
-                write_json(state_file, state)
-            init_checkpoint = state["shared_checkpoint"]
-
+        init_checkpoint = _shared_stages(base, shard_dirs, out, state, state_file, log.run_id) if share else None
         trainable = tune.with_parameters(run_trial, base=base.to_flat(), shard_dirs=shard_dirs, parent_run_id=log.run_id,
                                          init_checkpoint=init_checkpoint,
                                          storage_path=str(storage.join(storage_path, "trials")))
@@ -144,21 +135,36 @@ def main(argv: list[str] | None = None) -> dict:
         param_space = to_tune(space, opts["search"])
         expected = opts["trials"] * math.prod(len(v["grid_search"]) for v in param_space.values()
                                               if isinstance(v, dict) and "grid_search" in v)
-        if resume and tune.Tuner.can_restore(str(tune_dir / "search")):
-            tuner = tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    metric=METRIC, mode="max", num_samples=opts["trials"], max_concurrent_trials=opts["max_concurrent"],
-                    search_alg=_searcher(opts["search"]),
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=1,
-                                            reduction_factor=2)),
-                run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
-        grid = tuner.fit()
+        grid = _tuner(trainable, param_space, opts, reports, tune_dir, resume).fit()
         if len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl+C: Tune saved its state
             raise SystemExit(f"search interrupted; continue it with the same command and --resume (state in {out})")
         return finish(grid, base, space, out, log)
+
+
+def _shared_stages(base: TrainConfig, shard_dirs: tuple[str, str], out: Path, state: dict, state_file: Path,
+                   parent: str) -> str:
+    """The checkpoint of stages 1-3 trained once (or found in the search's state) for every trial's stage 4."""
+    if "shared_checkpoint" not in state:
+        shared = resolve(base.copy(epochs=base.schedule.epochs[:3] + [0], name=f"{out.name}-stages-1-3"))
+        summary = fit(shared, shard_dirs=tuple(storage.location(d) for d in shard_dirs), parent=parent,
+                      label="stages 1-3 (shared)")
+        state["shared_checkpoint"] = summary["checkpoint"]
+        write_json(state_file, state)
+    return state["shared_checkpoint"]
+
+
+def _tuner(trainable, param_space: dict, opts: dict, reports: int, tune_dir: Path, resume: bool) -> tune.Tuner:
+    """The search's Tuner, restored from tune_dir with --resume where Tune saved one."""
+    if resume and tune.Tuner.can_restore(str(tune_dir / "search")):
+        return tune.Tuner.restore(str(tune_dir / "search"), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=opts["trials"], max_concurrent_trials=opts["max_concurrent"],
+            search_alg=_searcher(opts["search"]),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=1,
+                                    reduction_factor=2)),
+        run_config=tune.RunConfig(name="search", storage_path=str(tune_dir)))
 
 
 def _close_trial_runs(uri: str, grid, parent: str) -> None:

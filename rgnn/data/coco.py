@@ -38,23 +38,7 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
     """
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}.json"
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    try:
-        data = json.loads(ann_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{ann_file}: its JSON is nested too deeply to read") from None
-    orphans = check_coco(data, ann_file)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO()
-            coco.dataset = data
-            coco.createIndex()
-    except (KeyError, TypeError, AssertionError) as e:
-        raise ValueError(f"{ann_file} is not a COCO instances file: {e!r}") from None
-
+    coco, orphans = _load(ann_file)
     category_ids = sorted(coco.getCatIds())
     index_of = {cid: i for i, cid in enumerate(category_ids)}
     class_names = [coco.cats[cid]["name"] for cid in category_ids]
@@ -71,23 +55,13 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
         for ann in coco.imgToAnns.get(image_id, []):
             where = f"{ann_file} annotation {ann.get('id')} (image {info['file_name']})"
             try:
-                c = index_of[ann["category_id"]]
-                bbox, crowd = ann["bbox"], ann.get("iscrowd", 0)
-                if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_real, bbox)):
-                    raise ValueError(f"bbox {bbox!r} is not a list of 4 numbers")
-                x, y, bw, bh = (float(v) for v in bbox)
-                if not all(map(math.isfinite, (x, y, bw, bh))):
-                    raise ValueError(f"bbox {bbox} is not finite")
-                if not isinstance(crowd, int) or crowd not in (0, 1):
-                    raise ValueError(f"iscrowd {crowd!r} is not 0 or 1")
+                c, (x, y, bw, bh), crowd = _annotation(ann, index_of)
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("%s: unreadable, skipped: %r", where, e)
                 skipped.append((where, f"unreadable annotation: {e!r}"))
                 continue
             labels.add(c)
-            if crowd:
-                continue
-            box = clip_box([x, y, x + bw, y + bh], w, h, where)
+            box = None if crowd else clip_box([x, y, x + bw, y + bh], w, h, where)
             if box is not None:
                 boxes.append(box)
                 classes.append(c)
@@ -95,6 +69,41 @@ def read_coco(root: str | Path, split: str = "train2017", check_files: bool = Tr
         records.append(ImageRecord(image_id, str(path.resolve()), w, h, sorted(labels),
                                    gt_boxes, gt_classes, difficult))
     return LabeledSet(f"{root.name}/{split}", class_names, records, category_ids, skipped)
+
+
+def _load(ann_file: Path) -> tuple[COCO, list[dict]]:
+    """The parsed, checked annotation file indexed by pycocotools, and its annotations of no image."""
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    try:
+        data = json.loads(ann_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ann_file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{ann_file}: its JSON is nested too deeply to read") from None
+    orphans = check_coco(data, ann_file)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
+    except (KeyError, TypeError, AssertionError) as e:
+        raise ValueError(f"{ann_file} is not a COCO instances file: {e!r}") from None
+    return coco, orphans
+
+
+def _annotation(ann: dict, index_of: dict[int, int]) -> tuple[int, tuple[float, float, float, float], int]:
+    """(class index, (x, y, w, h), iscrowd) of one annotation; KeyError/TypeError/ValueError if unusable."""
+    c = index_of[ann["category_id"]]
+    bbox, crowd = ann["bbox"], ann.get("iscrowd", 0)
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_real, bbox)):
+        raise ValueError(f"bbox {bbox!r} is not a list of 4 numbers")
+    x, y, bw, bh = (float(v) for v in bbox)
+    if not all(map(math.isfinite, (x, y, bw, bh))):
+        raise ValueError(f"bbox {bbox} is not finite")
+    if not isinstance(crowd, int) or crowd not in (0, 1):
+        raise ValueError(f"iscrowd {crowd!r} is not 0 or 1")
+    return c, (x, y, bw, bh), crowd
 
 
 def _real(value) -> bool:

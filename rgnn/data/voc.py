@@ -52,6 +52,24 @@ def read_voc(root: str | Path, split: str = "trainval", year: str | None = None,
     """
     year_dir = voc_year_dir(root, year)
     list_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
+    records, skipped = [], []
+    for stem in _stems(list_file):
+        xml_file = year_dir / "Annotations" / f"{stem}.xml"
+        path = year_dir / "JPEGImages" / f"{stem}.jpg"
+        if check_files and not path.is_file():
+            log.warning("%s: image file missing, skipped: %s", list_file, path)
+            skipped.append((str(path), "image file missing"))
+            continue
+        w, h, boxes, classes, difficult = _objects(xml_file, skipped)
+        gt_boxes, gt_classes, diff = as_arrays(boxes, classes, difficult)
+        records.append(ImageRecord(stem, str(path.resolve()), w, h, sorted(set(classes)),
+                                   gt_boxes, gt_classes, diff))
+    return LabeledSet(f"{year_dir.name.lower()}/{split}", list(VOC_CLASSES), records,
+                      list(range(1, len(VOC_CLASSES) + 1)), skipped)
+
+
+def _stems(list_file: Path) -> list[str]:
+    """The image names an image set lists; a name with `/`, `\\` or `..` is refused."""
     if not list_file.is_file():
         raise FileNotFoundError(f"VOC image set not found: {list_file}")
     stems = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
@@ -59,46 +77,40 @@ def read_voc(root: str | Path, split: str = "trainval", year: str | None = None,
     if bad is not None:
         raise ValueError(f"{list_file}: image {bad!r} is not a file stem (it has /, \\ or ..: a path out of "
                          "JPEGImages and Annotations)")
+    return stems
+
+
+def _objects(xml_file: Path, skipped: list) -> tuple[int, int, list, list[int], list[bool]]:
+    """(width, height, boxes, class indices, difficult flags) of one annotation file; an object with a
+    box that is not finite is appended to `skipped` instead."""
     index_of = {name: i for i, name in enumerate(VOC_CLASSES)}
-    records, skipped = [], []
-    for stem in stems:
-        xml_file = year_dir / "Annotations" / f"{stem}.xml"
-        path = year_dir / "JPEGImages" / f"{stem}.jpg"
-        if check_files and not path.is_file():
-            log.warning("%s: image file missing, skipped: %s", list_file, path)
-            skipped.append((str(path), "image file missing"))
-            continue
-        try:
-            tree = ET.parse(xml_file)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"VOC annotation file not found: {xml_file}") from None
-        except ET.ParseError as e:
-            raise ValueError(f"{xml_file} is not valid XML: {e}") from None
-        try:
-            size = tree.find("size")
-            w, h = int(size.findtext("width")), int(size.findtext("height"))
-            boxes, classes, difficult = [], [], []
-            for i, obj in enumerate(tree.iter("object")):
-                name = obj.findtext("name").strip()
-                if name not in index_of:
-                    raise ValueError(f"unknown class {name!r}")
-                bb = obj.find("bndbox")
-                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-                if not all(map(math.isfinite, box)):
-                    where = f"{xml_file} object {i} ({name})"
-                    log.warning("%s: box %s is not finite, skipped", where, box)
-                    skipped.append((where, f"box {box} is not finite"))
-                    continue
-                box = clip_box([box[0] - 1, box[1] - 1, box[2], box[3]], w, h, str(xml_file))
-                if box is None:
-                    continue
-                boxes.append(box)
-                classes.append(index_of[name])
-                difficult.append(obj.findtext("difficult", "0").strip() == "1")
-        except (AttributeError, TypeError, ValueError) as e:
-            raise ValueError(f"{xml_file}: malformed VOC annotation: {e}") from None
-        gt_boxes, gt_classes, diff = as_arrays(boxes, classes, difficult)
-        records.append(ImageRecord(stem, str(path.resolve()), w, h, sorted(set(classes)),
-                                   gt_boxes, gt_classes, diff))
-    return LabeledSet(f"{year_dir.name.lower()}/{split}", list(VOC_CLASSES), records,
-                      list(range(1, len(VOC_CLASSES) + 1)), skipped)
+    try:
+        tree = ET.parse(xml_file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"VOC annotation file not found: {xml_file}") from None
+    except ET.ParseError as e:
+        raise ValueError(f"{xml_file} is not valid XML: {e}") from None
+    try:
+        size = tree.find("size")
+        w, h = int(size.findtext("width")), int(size.findtext("height"))
+        boxes, classes, difficult = [], [], []
+        for i, obj in enumerate(tree.iter("object")):
+            name = obj.findtext("name").strip()
+            if name not in index_of:
+                raise ValueError(f"unknown class {name!r}")
+            bb = obj.find("bndbox")
+            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            if not all(map(math.isfinite, box)):
+                where = f"{xml_file} object {i} ({name})"
+                log.warning("%s: box %s is not finite, skipped", where, box)
+                skipped.append((where, f"box {box} is not finite"))
+                continue
+            box = clip_box([box[0] - 1, box[1] - 1, box[2], box[3]], w, h, str(xml_file))
+            if box is None:
+                continue
+            boxes.append(box)
+            classes.append(index_of[name])
+            difficult.append(obj.findtext("difficult", "0").strip() == "1")
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"{xml_file}: malformed VOC annotation: {e}") from None
+    return w, h, boxes, classes, difficult

@@ -124,32 +124,40 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             (loss if scaler is None else scaler.scale(loss)).backward()
         values = {k: losses[k].item() for k in sums}
         if update:
-            if pending < accumulate:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(accumulate / pending)
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clipping and the step see the true gradients
-            if clip_norm is not None:
-                values["grad_norm"] = nn.utils.clip_grad_norm_(params, clip_norm).item()
-            if lr_at is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step)
-            if scaler is None:
-                optimizer.step()
-            else:  # skips the step when fp16 overflowed, and adapts the scale
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = _update(optimizer, params, accumulate / pending, scaler, clip_norm,
+                                None if lr_at is None else lr_at(step))
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
             pending = 0
             if on_update is not None:
                 on_update()
-        for k in sums:
-            sums[k] += values[k]
-        steps += 1
+        sums, steps = {k: sums[k] + values[k] for k in sums}, steps + 1
         if on_step is not None:
             on_step(step, {**values, "lambda": lam})
     return {**{k: v / max(steps, 1) for k, v in sums.items()}, "lambda": lam, "steps": steps}
+
+
+def _update(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rescale: float,
+            scaler: torch.amp.GradScaler | None, clip_norm: float | None, lr: float | None) -> float | None:
+    """One optimizer update from the accumulated gradients; returns their norm before clipping (None when
+    not clipped). `rescale` (accumulate / batches accumulated) makes a shorter last group a mean."""
+    if rescale != 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(rescale)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping and the step see the true gradients
+    grad_norm = None if clip_norm is None else nn.utils.clip_grad_norm_(params, clip_norm).item()
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    if scaler is None:
+        optimizer.step()
+    else:  # skips the step when fp16 overflowed, and adapts the scale
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

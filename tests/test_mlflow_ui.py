@@ -1,7 +1,7 @@
-"""What the MLflow UI shows of a training run, checked in a real browser (headless Chromium against an
-`mlflow server` on loopback): the run page's logged model, data sets, metrics, description, source and
-user; its commit; the model-training view its link opens; its system metrics; the registered model
-version's page with the signature."""
+"""What the MLflow UI shows of a training run, checked in a real browser (headless Chromium against
+`mlflow ui` on loopback, as the README opens the store): the run page's logged model, data sets, metrics,
+description, source and user; its commit; the model-training view its link opens; its system metrics;
+the registered model version's page with the signature."""
 from __future__ import annotations
 
 import html
@@ -59,7 +59,7 @@ def ui(trained, tmp_path_factory):
     model_uri = log.model(trained / "ckpt", names, shards.first_image(val))
     version = register_model(uri, model_uri, MODEL)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
-    with services.mlflow_server(uri, str(root / "artifacts")) as url:
+    with services.mlflow_server(uri, None) as url:  # `mlflow ui --backend-store-uri`, as the README opens it
         yield {"url": url, "uri": uri, "run_id": run_id, "model_uri": model_uri, "version": version,
                "experiment": MlflowClient(uri).get_run(run_id).info.experiment_id, "manifests": manifests,
                "names": names}

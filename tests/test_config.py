@@ -81,6 +81,21 @@ def test_flag_choices_come_from_the_library_tuples():
     assert actions["backbone"].choices is BACKBONES and actions["lambda_schedule"].choices is LAMBDA_FAMILIES
 
 
+def test_every_setting_has_one_flag_declared_once_and_its_choices_bind_settings_files_too(tmp_path):
+    from rgnn.train.config import FILE_ONLY, FLAGS, FLAT_NAMES
+
+    assert set(FLAGS) - {"config", "summary"} == set(FLAT_NAMES) - set(FILE_ONLY)
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert set(actions) - {"help"} == set(FLAGS)
+    assert actions["flip"].nargs == 0 and actions["flip"].const is True  # a bool setting's flag switches it on
+    assert actions["photos"].choices == ("main", "alt") and actions["git_commit"].metavar == "SHA"
+    for setting, value in (("photos", "other"), ("recipe", "fast"), ("scales", 3)):  # a file gets the flag's choices
+        path = tmp_path / f"{setting}.json"
+        path.write_text(json.dumps({setting: value}))
+        with pytest.raises(ValueError, match=f"{setting}={value!r}: expected one of"):
+            parse_args(["--config", str(path)])
+
+
 def test_gate_target_is_a_setting_checked_against_the_gate():
     cfg, _ = parse_args(["--gate", "feature", "--gate-target", "class"])
     assert cfg.schedule.gate_target == "class"

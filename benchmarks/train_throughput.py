@@ -69,10 +69,10 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, split_dir: str, 
     batches = list(itertools.islice(itertools.cycle(loader(cfg, Path(split_dir), stage, rank, world)),
                                     warmup + steps))
     device = torch.device("cpu")
-    train_one_epoch(net, batches[:warmup], optimizer, stage, len(names), device, lambda s: 0.5)
+    train_one_epoch(net, batches[:warmup], optimizer, stage, len(names), device, lam_at=lambda s: 0.5)
     dist.barrier()
     start = time.perf_counter()
-    train_one_epoch(net, batches[warmup:], optimizer, stage, len(names), device, lambda s: 0.5)
+    train_one_epoch(net, batches[warmup:], optimizer, stage, len(names), device, lam_at=lambda s: 0.5)
     dist.barrier()
     elapsed = time.perf_counter() - start
     if rank == 0:

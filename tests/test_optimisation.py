@@ -9,7 +9,7 @@ import torch
 from rgnn.train.config import TrainConfig, resolve
 from rgnn.data import shards
 from rgnn.data.transforms import Preprocess
-from rgnn.train.engine import StageModel, train_one_epoch
+from rgnn.train.engine import StageModel, StepOptions, train_one_epoch
 from rgnn.nn.model import RGNN
 from rgnn.train.schedule import lr_factor, set_trainable
 from rgnn.train.stages import Hooks, model_config, run_stages
@@ -32,7 +32,7 @@ def tiny(shard_root, **kw) -> TrainConfig:
                                           "image_size": 96, "global_size": 64, "dropout": 0.0, **kw}))
 
 
-def one_update(cfg: TrainConfig, shard_root, model: RGNN, batch_size: int, images: int, **options) -> dict:
+def one_update(cfg: TrainConfig, shard_root, model: RGNN, batch_size: int, images: int, scaler=None, **options) -> dict:
     """Train the global stage on the first `images` training images in batches of `batch_size` with
     plain SGD (whose update is proportional to the gradient, so sums and scales show)."""
     params = set_trainable(model, "global")
@@ -42,7 +42,8 @@ def one_update(cfg: TrainConfig, shard_root, model: RGNN, batch_size: int, image
     batches = [b for _, b in zip(range(images // batch_size), loader)]
     norms = []
     train_one_epoch(StageModel(model, "global"), batches, optimizer, "global", model.cfg.num_classes,
-                    torch.device("cpu"), on_step=lambda step, v: norms.append(v.get("grad_norm")), **options)
+                    torch.device("cpu"), StepOptions(**options), on_step=lambda step, v: norms.append(v.get("grad_norm")),
+                    scaler=scaler)
     return {"state": model.state_dict(), "norms": norms}
 
 

@@ -7,6 +7,7 @@ and returns one type, `RGNNOutput`, whatever the stage.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -76,28 +77,40 @@ def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_clas
     return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_loc": loss_loc.detach()}
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, stage: str,
-                    num_classes: int, device: torch.device, lam_at: Callable[[int], float] = lambda step: 0.0,
-                    on_step: Callable[[int, dict], None] | None = None, class_aware: bool = False,
-                    lr_at: Callable[[int], float] | None = None, accumulate: int = 1,
-                    clip_norm: float | None = None, on_update: Callable[[], None] | None = None,
-                    precision: str = "auto", scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One pass over `loader` for `stage`.
+@dataclass(frozen=True)
+class StepOptions:
+    """How the steps of an epoch compute and update (ScheduleConfig's settings of the same names).
 
-    Args:
-        model: a StageModel, possibly DDP-wrapped.
-        lam_at: step index within this epoch -> lambda of eq. 9 (the joint stage's schedule).
-        on_step: called after each step with (step, {"loss_cls", "loss_loc", "lambda"} floats, and
-            "grad_norm" on the steps that update when `clip_norm` is set).
+    Attributes:
         class_aware: eq. 8's class-aware target for feature-level gates.
-        lr_at: step index -> the learning rate of the update made at that step (None: left as it is).
         accumulate: batches per update. Each batch's loss is scaled by 1/accumulate, so `accumulate`
             batches of b images update as one batch of accumulate x b would (eqs. 6, 7 and 9 are means
             over images); the epoch's last, shorter group is the mean over its batches. Under DDP the
             batches before an update skip the gradient all-reduce (`no_sync`).
         clip_norm: the gradients' global norm is clipped to this before each update (None: not clipped).
-        on_update: called after each update (an EMA of the weights follows them there).
         precision: the forward pass's autocast (see `autocast_dtype`); the loss is float32 regardless.
+    """
+
+    class_aware: bool = False
+    accumulate: int = 1
+    clip_norm: float | None = None
+    precision: str = "auto"
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, stage: str,
+                    num_classes: int, device: torch.device, options: StepOptions = StepOptions(),
+                    lam_at: Callable[[int], float] = lambda step: 0.0, lr_at: Callable[[int], float] | None = None,
+                    on_step: Callable[[int, dict], None] | None = None, on_update: Callable[[], None] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One pass over `loader` for `stage`.
+
+    Args:
+        model: a StageModel, possibly DDP-wrapped.
+        lam_at: step index within this epoch -> lambda of eq. 9 (the joint stage's schedule).
+        lr_at: step index -> the learning rate of the update made at that step (None: left as it is).
+        on_step: called after each step with (step, {"loss_cls", "loss_loc", "lambda"} floats, and
+            "grad_norm" on the steps that update when `options.clip_norm` is set).
+        on_update: called after each update (an EMA of the weights follows them there).
         scaler: fp16's loss scaler, kept by the caller across epochs (required for fp16, else None).
 
     Returns:
@@ -105,7 +118,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    dtype = autocast_dtype(precision, device)
+    dtype = autocast_dtype(options.precision, device)
     if dtype == torch.float16 and scaler is None:
         raise ValueError("fp16 training needs a GradScaler (torch.amp.GradScaler), kept by the caller across epochs")
     sums, steps, lam, pending = {"loss_cls": 0.0, "loss_loc": 0.0}, 0, 0.0, 0
@@ -114,17 +127,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         batch = batch.to(device)
         lam = lam_at(step)
         pending += 1
-        update = pending == accumulate or last
+        update = pending == options.accumulate or last
         with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                losses = stage_losses(model(batch), batch, stage, lam, num_classes, class_aware)
+                losses = stage_losses(model(batch), batch, stage, lam, num_classes, options.class_aware)
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"{stage} stage step {step}: loss is {losses['loss'].item()}")
-            loss = losses["loss"] / accumulate
+            loss = losses["loss"] / options.accumulate
             (loss if scaler is None else scaler.scale(loss)).backward()
         values = {k: losses[k].item() for k in sums}
         if update:
-            grad_norm = _update(optimizer, params, accumulate / pending, scaler, clip_norm,
+            grad_norm = _update(optimizer, params, options.accumulate / pending, scaler, options.clip_norm,
                                 None if lr_at is None else lr_at(step))
             if grad_norm is not None:
                 values["grad_norm"] = grad_norm

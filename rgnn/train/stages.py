@@ -20,8 +20,8 @@ from rgnn.io.checkpoint import CheckpointPayload
 from rgnn.data import shards
 from rgnn.data.transforms import Batch, InputConfig, Preprocess
 from rgnn.train.ema import EMA
-from rgnn.train.engine import (StageModel, autocast_dtype, batch_loss, collect_scores, gather_predictions, memory_format,
-                         stage_progress, train_one_epoch)
+from rgnn.train.engine import (StageModel, StepOptions, autocast_dtype, batch_loss, collect_scores, gather_predictions,
+                               memory_format, stage_progress, train_one_epoch)
 from rgnn.metrics import GATE_METRICS, average_precision, gate_quality, mean_ap, multilabel_prf
 from rgnn.nn.model import RGNN, ModelConfig
 from rgnn.train.pretrain import pretrained_weights
@@ -236,10 +236,9 @@ class _Run:
                                                          "train/lr": optimizer.param_groups[0]["lr"]})
 
         probe = self._probe(stage, loader)
-        stats = train_one_epoch(net, loader, optimizer, stage, self.num_classes, self.device, lam_at, on_step,
-                                class_aware=s.gate_target == "class", lr_at=lr_at, accumulate=s.accumulate,
-                                clip_norm=s.clip_norm, on_update=None if ema is None else (lambda: ema.update(model)),
-                                precision=s.precision, scaler=scaler)
+        options = StepOptions(s.gate_target == "class", s.accumulate, s.clip_norm, s.precision)
+        stats = train_one_epoch(net, loader, optimizer, stage, self.num_classes, self.device, options, lam_at, lr_at,
+                                on_step, None if ema is None else (lambda: ema.update(model)), scaler)
         if probe is not None:
             self._check_learned(stage, *probe, steps)
         state.global_step += stats["steps"]

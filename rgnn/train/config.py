@@ -340,8 +340,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def _check(cfg: TrainConfig) -> None:
     for name, allowed in CHOICES.items():  # the flags' choices, for settings files and code
-        if cfg.get(name) is not None and cfg.get(name) not in allowed:  # None: not given (--photos)
-            raise ValueError(f"{name}={cfg.get(name)!r}: expected one of {allowed}")
+        value = cfg.get(name)
+        if value not in allowed and not (value is None and setting_type(name).endswith(" | None")):
+            raise ValueError(f"{name}={value!r}: expected one of {allowed}")
     s, c = cfg.schedule, cfg.cluster
     s.lambdas = LambdaSchedule(**dataclasses.asdict(s.lambdas))  # checks the family's parameters
     if len(s.epochs) != 4 or any(e < 0 for e in s.epochs):

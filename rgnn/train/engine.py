@@ -144,7 +144,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             pending = 0
             if on_update is not None:
                 on_update()
-        sums, steps = {k: sums[k] + values[k] for k in sums}, steps + 1
+        for k in sums:
+            sums[k] += values[k]
+        steps += 1
         if on_step is not None:
             on_step(step, {**values, "lambda": lam})
     return {**{k: v / max(steps, 1) for k, v in sums.items()}, "lambda": lam, "steps": steps}

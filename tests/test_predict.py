@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,6 +28,7 @@ from rgnn.train.stages import validate
 from rgnn.infer.visualize import class_gates, main as visualize_main
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"rgnn.infer.predict": predict_main, "rgnn.infer.evaluate": evaluate_main, "rgnn.infer.visualize": visualize_main}
 
 
@@ -154,6 +158,16 @@ def test_evaluate_table_equals_the_metrics_module(trained, synthetic_root, tmp_p
     md = (tmp_path / "t.md").read_text()
     assert "area under the precision-recall curve" in md and md.count("\n|") == 3 and "OF1" in md
 
+    # the README's command in a fresh interpreter, default flags: two checkpoints (the same weights) -> two rows
+    copy = shutil.copytree(trained / "ckpt", tmp_path / "copy")
+    run = subprocess.run([sys.executable, "-m", "rgnn.infer.evaluate", "--checkpoint", ckpt, "--checkpoint", str(copy),
+                          "--coco-root", str(synthetic_root), "--markdown", str(tmp_path / "two.md")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    two = (tmp_path / "two.md").read_text()
+    rows = [line.split("|")[2:] for line in two.splitlines() if line.startswith(("| " + ckpt, f"| {copy}"))]
+    assert len(rows) == 2 and rows[0] == rows[1] and two.count("\n|") == 4
+
     # from the shards: the same numbers as training's own evaluation of the same model
     cfg = TrainConfig.from_flat(json.loads((trained / "ckpt" / "config.json").read_text()))
     model, _ = load_checkpoint(ckpt)
@@ -215,7 +229,10 @@ def test_evaluate_refuses_other_classes(trained, synthetic_root, tmp_path):
 
 def test_visualize_writes_figure_3_at_the_image_size(trained, synthetic_root, tmp_path):
     image = sorted((synthetic_root / "val2017").glob("*.jpg"))[0]
-    out = visualize_main([str(image), "--checkpoint", str(trained / "ckpt"), "--out", str(tmp_path / "fig.png")])
+    out = tmp_path / "fig.png"  # as the README runs it: a fresh interpreter, `python -m rgnn.infer.visualize`
+    run = subprocess.run([sys.executable, "-m", "rgnn.infer.visualize", "--checkpoint", str(trained / "ckpt"), str(image),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     fig = cv2.imread(str(out))[..., ::-1]  # RGB
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fig.shape == decode_image(image).shape

@@ -1,5 +1,9 @@
 """rgnn.train.pretrain: the ImageNet stand-in for the small backbone (tiny settings: seconds)."""
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ from rgnn.train import pretrain
 from rgnn.nn.backbones import build_backbone
 from rgnn.data import synthetic
 from rgnn.train.pretrain import LABELS, TARGETS, PretrainSettings, pretrained_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = PretrainSettings(crops=64, val_crops=32, epochs=1, batch_size=32, input_size=32)
 
@@ -116,9 +122,12 @@ def test_cli_logs_an_mlflow_run(tmp_path, capsys, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["--cache-dir", str(tmp_path / "cache"), "--seed", "3", "--crops", "64", "--val-crops", "32",
             "--epochs", "2", "--input-size", "32", "--tracking-uri", uri]
-    path = pretrain.main(argv)
-    out = capsys.readouterr().out
-    assert "epoch 2/2" in out and "10 target classes" in out and str(path) in out
+    # as the README runs it: a fresh interpreter, `python -m rgnn.train.pretrain`
+    run = subprocess.run([sys.executable, "-m", "rgnn.train.pretrain", *argv], cwd=ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (path,) = (tmp_path / "cache").rglob("*.pt")
+    assert "epoch 2/2" in run.stdout and "10 target classes" in run.stdout and str(path) in run.stdout
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("rgnn-pretrain")
     (run,) = client.search_runs([exp.experiment_id])

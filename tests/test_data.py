@@ -2,6 +2,9 @@ import hashlib
 import json
 import logging
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,6 +15,8 @@ from rgnn.data import synthetic
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
 from rgnn.data.voc import VOC_CLASSES, read_voc
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _digest(folder):
@@ -83,10 +88,17 @@ def test_synthetic_labels_match_boxes(synthetic_root):
         assert sorted(set(r.gt_classes.tolist())) == r.labels
 
 
-def test_synthetic_cli(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--train", "3", "--val", "1", "--seed", "1"])
-    assert len(list((tmp_path / "train2017").glob("*.jpg"))) == 3
-    assert "3 train" in capsys.readouterr().out
+def test_synthetic_cli(tmp_path):
+    """As the README runs it: `python -m rgnn.data.synthetic --out DIR` (and --variant glyphs) in a fresh interpreter."""
+    for variant in ("shapes", "glyphs"):
+        run = subprocess.run([sys.executable, "-m", "rgnn.data.synthetic", "--out", str(tmp_path / variant), "--train",
+                              "3", "--val", "1", "--seed", "1", "--variant", variant], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert len(list((tmp_path / variant / "train2017").glob("*.jpg"))) == 3 and "3 train" in run.stdout
+        assert len(read_coco(tmp_path / variant, "val2017").records) == 1
+    assert (tmp_path / "shapes/annotations/instances_train2017.json").read_bytes() != \
+        (tmp_path / "glyphs/annotations/instances_train2017.json").read_bytes()
 
 
 # ---------------------------------------------------------------- COCO reader

@@ -96,3 +96,14 @@ def test_train_throughput_benchmark_tiny(tmp_path):
     _figures(rf"^  input pipeline     : +{NUMBER} images/s   {NUMBER}x the 1-worker", text)
     result = json.loads(out.read_text())
     assert result["tiny"] and result["batch_per_worker"] == 2 and result["max_regions"] == 16
+
+
+def test_gate_probe_tiny(tmp_path):
+    out = tmp_path / "gate_probe.json"
+    text = _script("gate_probe", "--train", "6", "--val", "4", "--regions", "16", "--epochs", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gate"] for r in rows] == ["linear, L2 0.001", "linear, L2 0.01", "linear, L2 0.1", "hidden layer of 256"]
+    for r in rows:
+        assert all(0.0 <= r[k] <= 1.0 for k in ("all", "far", "near")), r
+        assert f"{r['gate']:28s} {r['all']:8.3f}" in text
+    assert re.search(r"102 train / 68 val regions", text)  # 16 proposals + the whole image, every image

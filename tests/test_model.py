@@ -13,6 +13,7 @@ from rgnn.nn.losses import balanced_multilabel_loss, localization_loss, multitas
 from rgnn.nn.model import GATES, POOL_LAYERS, RGNN, ModelConfig
 from rgnn.nn.pooling import CrossRegionMaxPool, cross_region_max_pool
 from rgnn.nn.pooling import area_bins
+from rgnn.train.engine import StageModel
 from rgnn.train.schedule import STAGES, set_trainable
 
 torch.set_num_threads(1)
@@ -94,6 +95,82 @@ def test_the_two_halves_make_the_forward_and_the_gate_reads_fc7():
         assert model.forward_features(images, sizes, boxes, open_gates=True).h7 is not None  # softmax of fc8 reads fc7
         fc6 = RGNN(ModelConfig(num_classes=C, pool_layer="fc6"))
         assert fc6.forward_features(images, sizes, boxes, open_gates=True).h7 is None  # nothing reads fc7
+
+
+@pytest.mark.parametrize("gate", ["region", "feature"])
+def test_a_gate_with_a_hidden_layer_on_the_pooled_trunk_feature(gate):
+    """gate_input "roi": the gate reads fc6's input, not fc7; gate_hidden: one hidden layer before T, which starts
+    at zero (every gate 0.5); stage 3 trains the whole gate."""
+    torch.manual_seed(0)
+    model = RGNN(ModelConfig(num_classes=C, gate=gate, gate_input="roi", gate_hidden=16, pool_layer="fc6")).eval()
+    b = model.backbone
+    assert model.gate.hidden[1].in_features == b.roi_dim != b.fc7_dim and model.gate.transform.in_features == 16
+    images, sizes = torch.randn(2, 3, 64, 80), torch.tensor([[64, 80], [48, 80]])
+    boxes = [torch.tensor([[0.0, 0, 30, 30], [10, 10, 60, 40]]), torch.zeros(0, 4)]
+    with torch.no_grad():
+        f = model.forward_features(images, sizes, boxes)
+        assert f.h7 is None and f.u.shape == (4, b.roi_dim)  # fc6 pooled, the gate reads the trunk: no fc7
+        assert torch.equal(f.u, b.region_inputs(b(images), torch.tensor([[0, 0, 0, 30, 30], [0, 10, 10, 60, 40],
+                                                                         [0, 0, 0, 80, 64], [1, 0, 0, 80, 48.0]])))
+        assert torch.allclose(model.forward_head(f).gates, torch.tensor(0.5))
+    model.train()
+    params = set_trainable(model, "gates")
+    assert {id(p) for p in params} == {id(p) for p in model.gate.parameters()} and len(params) == 4
+    stage_loss(model, "gates", make_batch()).backward()
+    for p in params:  # the zero T passes no gradient to the hidden layer at the first step, but T gets one
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert model.gate.transform.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate_hidden"):
+        RGNN(ModelConfig(num_classes=C, gate_hidden=-1))
+    with pytest.raises(ValueError, match="gate_input"):
+        RGNN(ModelConfig(num_classes=C, gate_input="fc6"))
+
+
+def test_detached_gates_take_no_gradient_from_the_classifier():
+    """gate_loss "localization": in stage 4 the logits do not move the gate, eq. 7 still does; the values are the same."""
+    torch.manual_seed(0)
+    model = RGNN(ModelConfig(num_classes=C, gate_hidden=8)).train()
+    nn.init.normal_(model.gate.transform.weight)
+    images, sizes, boxes, _, _ = make_batch()
+    assert StageModel(model, "joint", gate_loss="localization").detach_gates
+    assert not StageModel(model, "gates", gate_loss="localization").detach_gates  # stage 3: eq. 7 only anyway
+    assert not StageModel(model, "joint").detach_gates  # the paper's eq. 9 trains the gate
+    with pytest.raises(ValueError, match="gate_loss"):
+        StageModel(model, "joint", gate_loss="classification")
+    torch.manual_seed(1)
+    out = model(images, sizes, boxes, detach_gates=True)
+    out.logits.sum().backward(retain_graph=True)
+    assert all(p.grad is None for p in model.gate.parameters())
+    assert model.classifier[0].weight.grad.abs().sum() > 0 and model.backbone.fc7[0].weight.grad.abs().sum() > 0
+    out.gates.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gate.parameters())
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks: the same values with the gradient kept
+    same = model(images, sizes, boxes)
+    assert torch.equal(same.logits, out.logits) and torch.equal(same.gates, out.gates)
+    same.logits.sum().backward()
+    assert model.gate.transform.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gate", ["region", "feature"])
+def test_an_open_whole_image_passes_ungated(gate):
+    """open_whole_image: the pooled feature of each image's last region (the whole image) is the ungated one, the
+    proposals' stay gated, and the gate values returned (for eq. 7 and the metrics) are the gate's own."""
+    torch.manual_seed(0)
+    model = RGNN(ModelConfig(num_classes=C, gate=gate, open_whole_image=True)).eval()
+    nn.init.normal_(model.gate.transform.weight)
+    images, sizes = torch.randn(2, 3, 64, 80), torch.tensor([[64, 80], [48, 80]])
+    boxes = [torch.tensor([[0.0, 0, 30, 30], [10, 10, 60, 40]]), torch.tensor([[5.0, 5, 20, 20]])]
+    seen = []
+    model.pool.register_forward_hook(lambda m, args, out: seen.append(args[0]))  # x^ of every region
+    with torch.no_grad():
+        f = model.forward_features(images, sizes, boxes)
+        out = model.forward_head(f)
+        x = model._pooled_layer(f.h6, f.h7)  # (R, D) ungated
+    a = out.gates if gate == "feature" else out.gates.unsqueeze(1)
+    whole = torch.tensor([False, False, True, False, True])
+    assert torch.equal(seen[0][whole], x[whole]) and torch.allclose(seen[0][~whole], (a * x)[~whole])
+    assert torch.equal(out.gates, model.gate(f.u)) and not torch.allclose(a[whole], torch.tensor(1.0))
 
 
 def test_images_without_proposals_and_one_roi_call():

@@ -120,6 +120,7 @@ class Backbone(nn.Module):
         self.neck = neck
         self.fc6 = fc6
         self.fc7 = fc7
+        self.roi_dim = fc6[0].in_features  # the pooled region feature, fc6's input
         self.fc6_dim = fc6[0].out_features
         self.fc7_dim = fc7[0].out_features
 

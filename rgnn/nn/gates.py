@@ -1,8 +1,10 @@
 """Gate units (section 3.1): how much of each region's feature x_i passes to the pooling.
 
 The gate reads a utility input u_i (fc7 of the region, section 4.2) through one FC layer T and a
-sigmoid; T starts at zero (see `_Gate`). Optionally (`standardise`, ours) u_i is standardised first. Region-level (eq. 2): one value a_i per region; feature-level (eq. 4): a vector a_i with
-the dimension of x_i. The gated feature is x^_i = a_i * x_i. Backpropagation (eqs. 3 and 5) is
+sigmoid; T starts at zero (see `_Gate`). Optionally (ours) u_i is standardised first (`standardise`),
+and T is preceded by one hidden layer (`hidden`: dropout, FC, ReLU), so that the gate is a small
+network rather than a linear function of u_i. Region-level (eq. 2): one value a_i per region;
+feature-level (eq. 4): a vector a_i with the dimension of x_i. The gated feature is x^_i = a_i * x_i. Backpropagation (eqs. 3 and 5) is
 autograd's; tests/test_model.py checks it with gradcheck.
 """
 from __future__ import annotations
@@ -64,14 +66,22 @@ class _Gate(nn.Module):
     first gradient, sum_j (0.5 - r_j) u_j / 4, points along -mean(u): Adam closes every gate, objects'
     fastest, and the gates saturate inverted (ROC-AUC 0.26 after stage 3 in 3 of 3 seeds). On
     centred u_i that gradient is -(n_pos / 4)(mean of the objects' u - mean(u)): the objects' direction.
+
+    `hidden` (ours): u_i -> dropout -> FC to `hidden` -> ReLU before T. On the photo set a linear
+    function of the region's pooled trunk feature separates object regions from the rest with val
+    ROC-AUC 0.84 at best (a logistic regression, L2 tuned), one hidden layer of 256 with 0.88
+    (README: Photographs).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, standardise: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, standardise: bool = False, hidden: int = 0, dropout: float = 0.0):
         super().__init__()
-        if in_dim < 1 or out_dim < 1:
-            raise ValueError(f"gate dimensions must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+        if in_dim < 1 or out_dim < 1 or hidden < 0:
+            raise ValueError(f"gate dimensions must be >= 1 (hidden >= 0), got in_dim={in_dim}, out_dim={out_dim}, "
+                             f"hidden={hidden}")
         self.norm = nn.BatchNorm1d(in_dim, affine=False) if standardise else nn.Identity()
-        self.transform = nn.Linear(in_dim, out_dim)
+        self.hidden = (nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(inplace=True)) if hidden
+                       else nn.Identity())
+        self.transform = nn.Linear(hidden or in_dim, out_dim)
         nn.init.zeros_(self.transform.weight)
         nn.init.zeros_(self.transform.bias)
 
@@ -79,15 +89,15 @@ class _Gate(nn.Module):
 class RegionGate(_Gate):
     """Region-level gate (eq. 2): Tensor[R, in_dim] -> Tensor[R] in (0, 1)."""
 
-    def __init__(self, in_dim: int, standardise: bool = False):
-        super().__init__(in_dim, 1, standardise)
+    def __init__(self, in_dim: int, standardise: bool = False, hidden: int = 0, dropout: float = 0.0):
+        super().__init__(in_dim, 1, standardise, hidden, dropout)
 
     def forward(self, u: Tensor) -> Tensor:
-        return region_gate(self.norm(u), self.transform.weight, self.transform.bias)
+        return region_gate(self.hidden(self.norm(u)), self.transform.weight, self.transform.bias)
 
 
 class FeatureGate(_Gate):
     """Feature-level gate (eq. 4): Tensor[R, in_dim] -> Tensor[R, out_dim] in (0, 1)."""
 
     def forward(self, u: Tensor) -> Tensor:
-        return feature_gate(self.norm(u), self.transform.weight, self.transform.bias)
+        return feature_gate(self.hidden(self.norm(u)), self.transform.weight, self.transform.bias)

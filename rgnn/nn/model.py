@@ -32,6 +32,7 @@ from rgnn.nn.pooling import SCALES, CrossRegionMaxPool
 STAGES = ("global", "regional", "gates", "joint")  # the training stages of section 4.2, in order
 GATES = ("none", "region", "feature")
 GATE_NORMS = ("none", "batch")  # the gate's input u_i as it is (the paper's), or standardised (rgnn.nn.gates)
+GATE_INPUTS = ("fc7", "roi")  # u_i: the region's fc7 (the paper's), or its pooled trunk feature (fc6's input)
 POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")
 
 
@@ -44,8 +45,15 @@ class ModelConfig:
         backbone: "vgg16" (the paper's), "resnet50", "efficientnet_lite0" (ImageNet weights offline, the
             photo job) or "small" (CPU tests and the built-in demo).
         gate: "none" (gates fixed at 1), "region" (eq. 2) or "feature" (eq. 4).
-        gate_norm: "none" (the gate reads fc7 as it is, the paper's) or "batch" (fc7 standardised by a
+        gate_norm: "none" (the gate reads u_i as it is, the paper's) or "batch" (u_i standardised by a
             BatchNorm without affine parameters first: rgnn.nn.gates._Gate says why).
+        gate_input: u_i, what the gate reads: "fc7" (the paper's, section 4.2) or "roi" (the region's
+            RoI-pooled trunk feature, fc6's input: for a frozen pretrained trunk, features that stage 1-2's
+            classification has not reshaped).
+        gate_hidden: 0 (the gate is one FC layer and a sigmoid, the paper's) or the width of one hidden
+            layer before it (rgnn.nn.gates._Gate; dropout `dropout` before it).
+        open_whole_image: the whole-image region (ours: added so that no image has none) passes to the
+            pooling ungated; its gate is still computed (and trained by eq. 7).
         scales: 5 area bins or 1 (section 3.2).
         pool_layer: the layer that is gated and pooled: "fc6", "fc7", "fc8" or "softmax" (of fc8).
         hidden: width of the classifier's first FC layer (scales * D -> hidden -> C).
@@ -61,6 +69,9 @@ class ModelConfig:
     backbone: str = "small"
     gate: str = "region"
     gate_norm: str = "none"
+    gate_input: str = "fc7"
+    gate_hidden: int = 0
+    open_whole_image: bool = False
     scales: int = 5
     pool_layer: str = "softmax"
     hidden: int = 512
@@ -73,12 +84,15 @@ class ModelConfig:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 1")
-        choices = {"backbone": BACKBONES, "gate": GATES, "gate_norm": GATE_NORMS, "scales": SCALES, "pool_layer": POOL_LAYERS}
+        choices = {"backbone": BACKBONES, "gate": GATES, "gate_norm": GATE_NORMS, "gate_input": GATE_INPUTS,
+                   "scales": SCALES, "pool_layer": POOL_LAYERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
         if not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"hidden={self.hidden!r}: expected an int >= 1")
+        if not isinstance(self.gate_hidden, int) or isinstance(self.gate_hidden, bool) or self.gate_hidden < 0:
+            raise ValueError(f"gate_hidden={self.gate_hidden!r}: expected an int >= 0")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v) or (name == "std" and min(v) <= 0):
@@ -124,13 +138,15 @@ class RegionFeatures:
     """The regions' half of the model (`RGNN.forward_features`) for N images with R regions in all.
 
     Attributes:
-        h6: Tensor[R, fc6_dim]; h7: Tensor[R, fc7_dim] (the gate input u_i), or None where nothing reads it.
+        h6: Tensor[R, fc6_dim]; h7: Tensor[R, fc7_dim], or None where nothing reads it.
+        u: Tensor[R, U], the gate's input u_i (h7, or fc6's input for gate_input "roi"), or None where no gate runs.
         boxes, image_index, area_ratio: as RGNNOutput's.
         num_images: N.
     """
 
     h6: Tensor
     h7: Tensor | None
+    u: Tensor | None
     boxes: Tensor
     image_index: Tensor
     area_ratio: Tensor
@@ -145,20 +161,21 @@ class RGNN(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, cfg.weights, cfg.dropout)
-        C, U = cfg.num_classes, self.backbone.fc7_dim
+        C = cfg.num_classes
         # a new classification layer on features that may be pretrained: N(0, 0.01^2) as Fast R-CNN
         # initialises its class scores. Xavier on the stand-in's fc7 (norm ~37) gave logits of std 6
         # and a first global epoch at loss 4.9, three times chance.
-        self.fc8 = nn.Linear(U, C)
+        self.fc8 = nn.Linear(self.backbone.fc7_dim, C)
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
         D = self.pooled_dim
         # section 4.2: the gate reads fc7 (u_i) and scales the pooled layer (x_i)
-        standardise = cfg.gate_norm == "batch"
+        U = self.backbone.fc7_dim if cfg.gate_input == "fc7" else self.backbone.roi_dim
+        options = dict(standardise=cfg.gate_norm == "batch", hidden=cfg.gate_hidden, dropout=cfg.dropout)
         if cfg.gate == "region":
-            self.gate = RegionGate(U, standardise)
+            self.gate = RegionGate(U, **options)
         elif cfg.gate == "feature":
-            self.gate = FeatureGate(U, D, standardise)
+            self.gate = FeatureGate(U, D, **options)
         else:
             self.gate = None
         self.pool = CrossRegionMaxPool(cfg.scales)
@@ -176,7 +193,7 @@ class RGNN(nn.Module):
 
     def _runs_fc7(self, gated: bool) -> bool:
         """fc7 feeds the pooled layer (fc7, fc8, softmax) or the gate (u_i)."""
-        return gated or self.cfg.pool_layer != "fc6"
+        return (gated and self.cfg.gate_input == "fc7") or self.cfg.pool_layer != "fc6"
 
     def used_modules(self, regions: bool = True, open_gates: bool = False) -> list[nn.Module]:
         """The modules with parameters that a forward pass runs.
@@ -259,23 +276,33 @@ class RGNN(nn.Module):
             raise ValueError(f"got {len(boxes)} box lists for {N} images")
         all_boxes, image_index, area_ratio = self.regions(image_sizes, boxes, images.device, images.dtype)
         rois = torch.cat([image_index.unsqueeze(1).to(images.dtype), all_boxes], 1)  # (R, 5)
-        b = self.backbone
-        h6 = b.fc6(b.region_inputs(b(images), rois))  # (R, fc6_dim): one RoI call, batched FC layers
-        h7 = b.fc7(h6) if self._runs_fc7(self._gated(open_gates)) else None  # (R, fc7_dim): u_i
-        return RegionFeatures(h6, h7, all_boxes, image_index, area_ratio, N)
+        b, gated = self.backbone, self._gated(open_gates)
+        pooled = b.region_inputs(b(images), rois)  # (R, roi_dim): one RoI call
+        h6 = b.fc6(pooled)  # (R, fc6_dim): batched FC layers
+        h7 = b.fc7(h6) if self._runs_fc7(gated) else None  # (R, fc7_dim)
+        u = (h7 if self.cfg.gate_input == "fc7" else pooled) if gated else None  # (R, U): u_i
+        return RegionFeatures(h6, h7, u, all_boxes, image_index, area_ratio, N)
 
-    def forward_head(self, f: RegionFeatures, open_gates: bool = False,
-                     fixed_gates: Tensor | None = None) -> RGNNOutput:
-        """The gating half: the pooled layer x_i, its gate, cross-region max pooling, the classifier."""
+    def forward_head(self, f: RegionFeatures, open_gates: bool = False, fixed_gates: Tensor | None = None,
+                     detach_gates: bool = False) -> RGNNOutput:
+        """The gating half: the pooled layer x_i, its gate, cross-region max pooling, the classifier.
+
+        detach_gates: the classifier reads the gate values without a gradient into the gate (the logits
+        then train everything but the gate; the returned gates keep theirs, for eq. 7)."""
         x = self._pooled_layer(f.h6, f.h7)  # (R, D)
-        gates = self.gate(f.h7) if self._gated(open_gates) else fixed_gates  # (R,) or (R, D)
+        gates = self.gate(f.u) if self._gated(open_gates) else fixed_gates  # (R,) or (R, D)
         if gates is not None:
-            x = apply_gate(x, gates)  # eq. 2 / eq. 4
+            passed = gates.detach() if detach_gates else gates
+            if self.cfg.open_whole_image:  # each image's last region is the whole image
+                whole = torch.ones_like(f.image_index, dtype=torch.bool)  # (R,)
+                whole[:-1] = f.image_index[1:] != f.image_index[:-1]
+                passed = torch.where(whole if passed.dim() == 1 else whole.unsqueeze(1), 1.0, passed)
+            x = apply_gate(x, passed)  # eq. 2 / eq. 4
         z = self.pool(x, f.area_ratio, f.image_index, f.num_images)  # (N, scales*D)
         return RGNNOutput(self.classifier(z), gates, f.boxes, f.image_index, f.area_ratio)
 
     def forward(self, images: Tensor, image_sizes: Tensor, boxes: list[Tensor], open_gates: bool = False,
-                fixed_gates: Tensor | None = None) -> RGNNOutput:
+                fixed_gates: Tensor | None = None, detach_gates: bool = False) -> RGNNOutput:
         """The regional path (stages 2-4): `forward_head(forward_features(...))`.
 
         Args:
@@ -283,9 +310,10 @@ class RGNN(nn.Module):
             open_gates: gates fixed at 1 and not run (stage 2).
             fixed_gates: Tensor[R], region-level gate values to use instead of the gate unit's (the
                 ablation's oracle: eq. 8's targets); R counts every region, whole images included.
+            detach_gates: as `forward_head`'s.
         """
         return self.forward_head(self.forward_features(images, image_sizes, boxes, open_gates), open_gates,
-                                 fixed_gates)
+                                 fixed_gates, detach_gates)
 
     def forward_global(self, images: Tensor) -> Tensor:
         """Stage 1 and the global baseline: Tensor[N, 3, H, W] (size-normalised) -> fc8 logits Tensor[N, C]."""

@@ -22,18 +22,26 @@ from rgnn.nn.model import RGNN, RGNNOutput
 from rgnn.train.schedule import STAGES
 
 
+GATE_LOSSES = ("multitask", "localization")  # what trains the gate in stage 4 (StageModel)
+
+
 class StageModel(nn.Module):
     """Runs an RGNN the way a stage of section 4.2 needs it.
 
     global: size-normalised whole images, no regions (stage 1); regional: regions with the gates
-    fixed open (stage 2); gates and joint: the full gated model (stages 3 and 4).
+    fixed open (stage 2); gates and joint: the full gated model (stages 3 and 4). `gate_loss`: what
+    trains the gate in stage 4, eq. 9's multi-task loss (the paper's) or eq. 7's localization loss
+    alone ("localization": the classifier reads the gates without a gradient into them).
     """
 
-    def __init__(self, model: RGNN, stage: str, oracle: bool = False):
+    def __init__(self, model: RGNN, stage: str, oracle: bool = False, gate_loss: str = "multitask"):
         super().__init__()
+        if gate_loss not in GATE_LOSSES:
+            raise ValueError(f"gate_loss={gate_loss!r}: expected one of {GATE_LOSSES}")
         self.model = model
         self.stage = stage
         self.oracle = oracle  # a diagnostic: gates fixed to eq. 8's targets (needs the ground truth)
+        self.detach_gates = stage == "joint" and gate_loss == "localization"
 
     def forward(self, batch: Batch) -> RGNNOutput:
         if self.oracle and self.stage != "global":
@@ -47,7 +55,8 @@ class StageModel(nn.Module):
         """Tensor[N, 3, H, W], long Tensor[N, 2] (h, w), N x Tensor[T_i, 4] -> the stage's RGNNOutput."""
         if self.stage == "global":
             return RGNNOutput.whole_images(self.model.forward_global(images), image_sizes)
-        return self.model(images, image_sizes, boxes, open_gates=self.stage == "regional")
+        return self.model(images, image_sizes, boxes, open_gates=self.stage == "regional",
+                          detach_gates=self.detach_gates)
 
     def extra_repr(self) -> str:
         return f"stage={self.stage}"

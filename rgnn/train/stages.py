@@ -198,7 +198,7 @@ class _Run:
         s, state, model = self.cfg.schedule, self.state, self.model
         first_epoch = state.epoch if stage == state.stage else 0
         params = set_trainable(model, stage)
-        net = self.hooks.wrap(StageModel(model, stage, s.oracle_gates))
+        net = self.hooks.wrap(StageModel(model, stage, s.oracle_gates, s.gate_loss))
         optimizer = (torch.optim.AdamW(params, lr=s.lr_for(stage), weight_decay=s.weight_decay) if s.weight_decay
                      else torch.optim.Adam(params, lr=s.lr_for(stage)))
         if first_epoch and state.optimizer is not None:

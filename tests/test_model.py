@@ -152,27 +152,6 @@ def test_detached_gates_take_no_gradient_from_the_classifier():
     assert model.gate.transform.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("gate", ["region", "feature"])
-def test_an_open_whole_image_passes_ungated(gate):
-    """open_whole_image: the pooled feature of each image's last region (the whole image) is the ungated one, the
-    proposals' stay gated, and the gate values returned (for eq. 7 and the metrics) are the gate's own."""
-    torch.manual_seed(0)
-    model = RGNN(ModelConfig(num_classes=C, gate=gate, open_whole_image=True)).eval()
-    nn.init.normal_(model.gate.transform.weight)
-    images, sizes = torch.randn(2, 3, 64, 80), torch.tensor([[64, 80], [48, 80]])
-    boxes = [torch.tensor([[0.0, 0, 30, 30], [10, 10, 60, 40]]), torch.tensor([[5.0, 5, 20, 20]])]
-    seen = []
-    model.pool.register_forward_hook(lambda m, args, out: seen.append(args[0]))  # x^ of every region
-    with torch.no_grad():
-        f = model.forward_features(images, sizes, boxes)
-        out = model.forward_head(f)
-        x = model._pooled_layer(f.h6, f.h7)  # (R, D) ungated
-    a = out.gates if gate == "feature" else out.gates.unsqueeze(1)
-    whole = torch.tensor([False, False, True, False, True])
-    assert torch.equal(seen[0][whole], x[whole]) and torch.allclose(seen[0][~whole], (a * x)[~whole])
-    assert torch.equal(out.gates, model.gate(f.u)) and not torch.allclose(a[whole], torch.tensor(1.0))
-
-
 def test_images_without_proposals_and_one_roi_call():
     torch.manual_seed(0)
     model = RGNN(ModelConfig(num_classes=C)).eval()

@@ -52,8 +52,6 @@ class ModelConfig:
             classification has not reshaped).
         gate_hidden: 0 (the gate is one FC layer and a sigmoid, the paper's) or the width of one hidden
             layer before it (rgnn.nn.gates._Gate; dropout `dropout` before it).
-        open_whole_image: the whole-image region (ours: added so that no image has none) passes to the
-            pooling ungated; its gate is still computed (and trained by eq. 7).
         scales: 5 area bins or 1 (section 3.2).
         pool_layer: the layer that is gated and pooled: "fc6", "fc7", "fc8" or "softmax" (of fc8).
         hidden: width of the classifier's first FC layer (scales * D -> hidden -> C).
@@ -71,7 +69,6 @@ class ModelConfig:
     gate_norm: str = "none"
     gate_input: str = "fc7"
     gate_hidden: int = 0
-    open_whole_image: bool = False
     scales: int = 5
     pool_layer: str = "softmax"
     hidden: int = 512
@@ -292,12 +289,7 @@ class RGNN(nn.Module):
         x = self._pooled_layer(f.h6, f.h7)  # (R, D)
         gates = self.gate(f.u) if self._gated(open_gates) else fixed_gates  # (R,) or (R, D)
         if gates is not None:
-            passed = gates.detach() if detach_gates else gates
-            if self.cfg.open_whole_image:  # each image's last region is the whole image
-                whole = torch.ones_like(f.image_index, dtype=torch.bool)  # (R,)
-                whole[:-1] = f.image_index[1:] != f.image_index[:-1]
-                passed = torch.where(whole if passed.dim() == 1 else whole.unsqueeze(1), 1.0, passed)
-            x = apply_gate(x, passed)  # eq. 2 / eq. 4
+            x = apply_gate(x, gates.detach() if detach_gates else gates)  # eq. 2 / eq. 4
         z = self.pool(x, f.area_ratio, f.image_index, f.num_images)  # (N, scales*D)
         return RGNNOutput(self.classifier(z), gates, f.boxes, f.image_index, f.area_ratio)
 

@@ -530,8 +530,6 @@ FLAGS = {
     "gate_target": Flag("schedule", "eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the "
                         "paper's bold 1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each "
                         "class", choices=GATE_TARGETS),
-    "open_whole_image": Flag("model", "the whole-image region (added to every image's proposals) passes to the pooling "
-                             "ungated"),
     "gate_loss": Flag("schedule", "what trains the gate in stage 4: eq. 9's multi-task loss (the paper's; default) or "
                       "eq. 7's localization loss alone (localization: the classifier reads the gates but its loss does "
                       "not move them)", choices=GATE_LOSSES),

@@ -166,7 +166,7 @@ class RGNN(nn.Module):
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
         D = self.pooled_dim
-        # section 4.2: the gate reads fc7 (u_i) and scales the pooled layer (x_i)
+        # section 4.2: the gate reads fc7 (u_i; fc6's input with gate_input "roi") and scales the pooled layer (x_i)
         U = self.backbone.fc7_dim if cfg.gate_input == "fc7" else self.backbone.roi_dim
         options = dict(standardise=cfg.gate_norm == "batch", hidden=cfg.gate_hidden, dropout=cfg.dropout)
         if cfg.gate == "region":

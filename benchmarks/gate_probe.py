@@ -40,12 +40,9 @@ from rgnn.train.config import INPUTS
 PENALTIES = (1e-3, 1e-2, 1e-1)  # L2 penalties of the linear gate
 
 
-def region_features(root: Path, split: str, regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def region_features(root: Path, split: str, preprocess: Preprocess, backbone: nn.Module
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled Tensor[R, 1280], max IoU with a ground-truth box Tensor[R]) of every region of a split."""
-    recipe = INPUTS["efficientnet_lite0"]
-    inputs = InputConfig(recipe["image_size"], recipe["max_size"], recipe["global_size"], regions)
-    preprocess = Preprocess(inputs, *normalisation("efficientnet_lite0"))
-    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
     propose = EdgeBoxes()
     pooled, ious = [], []
     for record in read_coco(root, split).records:
@@ -112,9 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    recipe = INPUTS["efficientnet_lite0"]
+    inputs = InputConfig(recipe["image_size"], recipe["max_size"], recipe["global_size"], args.regions)
+    preprocess = Preprocess(inputs, *normalisation("efficientnet_lite0"))
+    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
     with tempfile.TemporaryDirectory() as tmp:
         root = photos.generate(Path(tmp), args.train, args.val, args.seed, args.variant)
-        (xt, it), (xv, iv) = (region_features(root, s, args.regions) for s in ("train2017", "val2017"))
+        (xt, it), (xv, iv) = (region_features(root, s, preprocess, backbone) for s in ("train2017", "val2017"))
     mean, std = xt.mean(0), xt.std(0) + 1e-4
     xt, xv = (xt - mean) / std, (xv - mean) / std
     yt, iv = (it > 0.5).float(), iv.numpy()

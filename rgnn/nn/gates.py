@@ -4,8 +4,8 @@ The gate reads a utility input u_i (fc7 of the region, section 4.2) through one 
 sigmoid; T starts at zero (see `_Gate`). Optionally (ours) u_i is standardised first (`standardise`),
 and T is preceded by one hidden layer (`hidden`: dropout, FC, ReLU), so that the gate is a small
 network rather than a linear function of u_i. Region-level (eq. 2): one value a_i per region;
-feature-level (eq. 4): a vector a_i with the dimension of x_i. The gated feature is x^_i = a_i * x_i. Backpropagation (eqs. 3 and 5) is
-autograd's; tests/test_model.py checks it with gradcheck.
+feature-level (eq. 4): a vector a_i with the dimension of x_i. The gated feature is x^_i = a_i * x_i.
+Backpropagation (eqs. 3 and 5) is autograd's; tests/test_model.py checks it with gradcheck.
 """
 from __future__ import annotations
 

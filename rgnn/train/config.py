@@ -274,9 +274,9 @@ INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout
                                      dropout=0.2, lr=8e-4, gate_input="roi", gate_hidden=256, gate_norm="batch",
                                      gate_loss="localization"),
           "small": dict(image_size=192, max_size=384, global_size=128, max_regions=128, batch_size=16, dropout=0.1)}
+PAPER_GATE = dict(gate_input="fc7", gate_hidden=0, gate_norm="none", gate_loss="multitask")  # section 4.2's
 # EfficientNet-Lite0 (the photo job, README: Photographs) keys its epochs to itself on any data: 30
 # minutes on 2 CPU cores for 600 images of 384 x 288 (the README's figures)
-PAPER_GATE = dict(gate_input="fc7", gate_hidden=0, gate_norm="none", gate_loss="multitask")  # section 4.2's
 BACKBONE_EPOCHS = {"efficientnet_lite0": [4, 4, 2, 6]}
 # - the backbone's initialisation: the learning rate per image. Fine-tuning pretrained weights takes
 #   the paper's (section 4.2: Adam 1e-4 for 2 images), random weights the rate measured to train the

@@ -72,6 +72,7 @@ class ScheduleConfig:
     stage_lr: dict[str, float] = field(default_factory=dict)
     lambdas: LambdaSchedule = field(default_factory=LambdaSchedule)
     gate_target: str = "region"  # eq. 8 for feature-level gates: the region's target, or per class
+    gate_iou: float = 0.5  # eq. 8's theta: a region's gate target is 1 where its IoU with a box exceeds it
     oracle_gates: bool = False  # a diagnostic: region gates fixed to eq. 8's target (uses the ground truth)
     gate_loss: str | None = None  # what trains the gate in stage 4 (rgnn.train.engine.StageModel); by the recipe
     batch_size: int | None = None
@@ -376,6 +377,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("--gate-target class needs feature-level gates on a layer with one dimension per class "
                          f"(--gate feature, --pool-layer fc8 or softmax), got gate {cfg.model.gate!r}, "
                          f"pool layer {cfg.model.pool_layer!r}")
+    if not (isinstance(s.gate_iou, (int, float)) and 0.0 <= s.gate_iou < 1.0):
+        raise ValueError(f"gate_iou={s.gate_iou!r}: expected eq. 8's IoU threshold in [0, 1)")
     if s.oracle_gates and cfg.model.gate != "none":
         raise ValueError("--oracle-gates replaces the gate unit: use it with --gate none")
     if cfg.tracking.git_commit is not None and not COMMIT.fullmatch(cfg.tracking.git_commit):
@@ -531,6 +534,9 @@ FLAGS = {
     "gate_target": Flag("schedule", "eq. 8's target of a feature-level gate: the region's 0/1 on every dimension (the "
                         "paper's bold 1/0; default) or, gating fc8/softmax, whether the region overlaps a box of each "
                         "class", choices=GATE_TARGETS),
+    "gate_iou": Flag("schedule", "eq. 8's IoU threshold theta: a region's gate target is 1 where it overlaps a "
+                     "ground-truth box by more (default 0.5, the paper's; the gate ROC-AUC is always measured at 0.5)",
+                     type=_number(0, 1, high_open=True)),
     "gate_loss": Flag("schedule", "what trains the gate in stage 4: eq. 9's multi-task loss (the paper's; default) or "
                       "eq. 7's localization loss alone (localization: the classifier reads the gates but its loss does "
                       "not move them)", choices=GATE_LOSSES),

@@ -31,23 +31,26 @@ class StageModel(nn.Module):
     global: size-normalised whole images, no regions (stage 1); regional: regions with the gates
     fixed open (stage 2); gates and joint: the full gated model (stages 3 and 4). `gate_loss`: what
     trains the gate in stage 4, eq. 9's multi-task loss (the paper's) or eq. 7's localization loss
-    alone ("localization": the classifier reads the gates without a gradient into them).
+    alone ("localization": the classifier reads the gates without a gradient into them). `theta`:
+    eq. 8's IoU threshold of the oracle's gates.
     """
 
-    def __init__(self, model: RGNN, stage: str, oracle: bool = False, gate_loss: str = "multitask"):
+    def __init__(self, model: RGNN, stage: str, oracle: bool = False, gate_loss: str = "multitask",
+                 theta: float = 0.5):
         super().__init__()
         if gate_loss not in GATE_LOSSES:
             raise ValueError(f"gate_loss={gate_loss!r}: expected one of {GATE_LOSSES}")
         self.model = model
         self.stage = stage
         self.oracle = oracle  # a diagnostic: gates fixed to eq. 8's targets (needs the ground truth)
+        self.theta = theta
         self.detach_gates = stage == "joint" and gate_loss == "localization"
 
     def forward(self, batch: Batch) -> RGNNOutput:
         if self.oracle and self.stage != "global":
             all_boxes, image_index, _ = self.model.regions(batch.image_sizes, batch.boxes, batch.images.device,
                                                            batch.images.dtype)
-            targets = batch_targets(all_boxes, image_index, batch.gt_boxes)  # (R,)
+            targets = batch_targets(all_boxes, image_index, batch.gt_boxes, self.theta)  # (R,)
             return self.model(batch.images, batch.image_sizes, batch.boxes, open_gates=True, fixed_gates=targets)
         return self.run(batch.images, batch.image_sizes, batch.boxes)
 
@@ -63,11 +66,12 @@ class StageModel(nn.Module):
 
 
 def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_classes: int,
-                 class_aware: bool = False) -> dict[str, torch.Tensor]:
+                 class_aware: bool = False, theta: float = 0.5) -> dict[str, torch.Tensor]:
     """The loss of each stage (rgnn.train.schedule's table): eq. 6, eq. 7, or eq. 9 = eq. 6 + lambda eq. 7.
 
     Args:
         class_aware: eq. 8's target of feature-level gates per class (see `losses.region_targets`).
+        theta: eq. 8's IoU threshold.
 
     Returns:
         a dict with `loss` (what is minimised) and its parts `loss_cls`, `loss_loc`.
@@ -76,7 +80,7 @@ def stage_losses(out: RGNNOutput, batch: Batch, stage: str, lam: float, num_clas
     loss_cls = balanced_multilabel_loss(out.logits, batch.targets) if stage != "gates" else zero
     loss_loc = zero
     if stage in ("gates", "joint") and out.gates is not None:
-        targets = region_targets(out, batch.gt_boxes, batch.gt_classes, num_classes, class_aware)
+        targets = region_targets(out, batch.gt_boxes, batch.gt_classes, num_classes, class_aware, theta)
         loss_loc = localization_loss(out.gates, targets, out.image_index, len(batch.boxes))
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
@@ -92,6 +96,7 @@ class StepOptions:
 
     Attributes:
         class_aware: eq. 8's class-aware target for feature-level gates.
+        theta: eq. 8's IoU threshold (the gates' training target; gate quality is measured at 0.5).
         accumulate: batches per update. Each batch's loss is scaled by 1/accumulate, so `accumulate`
             batches of b images update as one batch of accumulate x b would (eqs. 6, 7 and 9 are means
             over images); the epoch's last, shorter group is the mean over its batches. Under DDP the
@@ -104,6 +109,7 @@ class StepOptions:
     accumulate: int = 1
     clip_norm: float | None = None
     precision: str = "auto"
+    theta: float = 0.5
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, stage: str,
@@ -139,7 +145,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         update = pending == options.accumulate or last
         with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                losses = stage_losses(model(batch), batch, stage, lam, num_classes, options.class_aware)
+                losses = stage_losses(model(batch), batch, stage, lam, num_classes, options.class_aware,
+                                      options.theta)
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"{stage} stage step {step}: loss is {losses['loss'].item()}")
             loss = losses["loss"] / options.accumulate
@@ -241,8 +248,8 @@ def collect_scores(model: StageModel, loader: Iterable[Batch], device: torch.dev
     Returns:
         {"scores": float32[N, C] sigmoid probabilities, "targets": float32[N, C], "ignore": bool[N, C],
         "ids": list, "gates": float32[P] (feature-level: the mean over dimensions) and "gate_targets":
-        float32[P] eq. 8's region target, over the P proposals (whole-image regions left out), empty
-        without gates}.
+        float32[P] eq. 8's region target at the paper's theta = 0.5 whatever the gates were trained to,
+        over the P proposals (whole-image regions left out), empty without gates}.
     """
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("scores", "targets", "ignore", "gates", "gate_targets")}

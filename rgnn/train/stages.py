@@ -198,7 +198,7 @@ class _Run:
         s, state, model = self.cfg.schedule, self.state, self.model
         first_epoch = state.epoch if stage == state.stage else 0
         params = set_trainable(model, stage)
-        net = self.hooks.wrap(StageModel(model, stage, s.oracle_gates, s.gate_loss))
+        net = self.hooks.wrap(StageModel(model, stage, s.oracle_gates, s.gate_loss, s.gate_iou))
         optimizer = (torch.optim.AdamW(params, lr=s.lr_for(stage), weight_decay=s.weight_decay) if s.weight_decay
                      else torch.optim.Adam(params, lr=s.lr_for(stage)))
         if first_epoch and state.optimizer is not None:
@@ -236,7 +236,7 @@ class _Run:
                                                          "train/lr": optimizer.param_groups[0]["lr"]})
 
         probe = self._probe(stage, loader)
-        options = StepOptions(s.gate_target == "class", s.accumulate, s.clip_norm, s.precision)
+        options = StepOptions(s.gate_target == "class", s.accumulate, s.clip_norm, s.precision, s.gate_iou)
         stats = train_one_epoch(net, loader, optimizer, stage, self.num_classes, self.device, options, lam_at, lr_at,
                                 on_step, None if ema is None else (lambda: ema.update(model)), scaler)
         if probe is not None:
@@ -267,11 +267,12 @@ class _Run:
         if self.state.global_step != 0 or stage == "gates":
             return None
         batch = next(iter(loader)).to(self.device)
-        return batch, batch_loss(StageModel(self.model, stage, self.cfg.schedule.oracle_gates), batch, self.num_classes)
+        return batch, batch_loss(StageModel(self.model, stage, self.cfg.schedule.oracle_gates,
+                                             theta=self.cfg.schedule.gate_iou), batch, self.num_classes)
 
     def _check_learned(self, stage: str, batch: Batch, before: float, steps: int) -> None:
         s = self.cfg.schedule
-        after = batch_loss(StageModel(self.model, stage, s.oracle_gates), batch, self.num_classes)
+        after = batch_loss(StageModel(self.model, stage, s.oracle_gates, theta=s.gate_iou), batch, self.num_classes)
         if stalled(before, after):
             self.hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size,
                                                       self.cfg.recipe))

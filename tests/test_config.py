@@ -39,6 +39,15 @@ def test_bad_settings(argv, match):
         parse_args(argv)
 
 
+def test_gate_iou_is_eq8s_theta_the_papers_by_default(tmp_path):
+    assert parse_args([])[0].schedule.gate_iou == 0.5
+    assert parse_args(["--gate-iou", "0.3"])[0].schedule.gate_iou == 0.3
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"gate_iou": 1.5}))  # a settings file is bounded as the flag is
+    with pytest.raises(ValueError, match="gate_iou=1.5"):
+        parse_args(["--config", str(path)])
+
+
 def test_bad_file(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"gate": "region", "typo_field": 1}))
@@ -196,7 +205,7 @@ def test_every_tracking_scheme_that_cannot_work_fails_at_once(tmp_path):
     ("--batch-size", "0"), ("--batch-size", "2.5"), ("--workers", "0"), ("--max-failures", "-1"),
     ("--cpus-per-worker", "-1"), ("--dropout", "1"), ("--image-size", "20000"), ("--max-regions", "-3"),
     ("--scales", "3"), ("--synthetic-train", "0"), ("--warmup", "inf"), ("--name", "../x"), ("--name", "a/b"),
-    ("--git-commit", "main"), ("--git-commit", "")])
+    ("--git-commit", "main"), ("--git-commit", ""), ("--gate-iou", "1"), ("--gate-iou", "-0.1")])
 def test_bad_flag_values_are_argparse_errors_naming_the_flag(flag, value, capsys):
     from rgnn.train.config import parse_args
 

@@ -13,7 +13,8 @@ from rgnn.nn.losses import balanced_multilabel_loss, localization_loss, multitas
 from rgnn.nn.model import GATES, POOL_LAYERS, RGNN, ModelConfig
 from rgnn.nn.pooling import CrossRegionMaxPool, cross_region_max_pool
 from rgnn.nn.pooling import area_bins
-from rgnn.train.engine import StageModel
+from rgnn.data.transforms import Batch
+from rgnn.train.engine import StageModel, stage_losses
 from rgnn.train.schedule import STAGES, set_trainable
 
 torch.set_num_threads(1)
@@ -150,6 +151,28 @@ def test_detached_gates_take_no_gradient_from_the_classifier():
     assert torch.equal(same.logits, out.logits) and torch.equal(same.gates, out.gates)
     same.logits.sum().backward()
     assert model.gate.transform.weight.grad.abs().sum() > 0
+
+
+def test_gate_iou_sets_eq8s_threshold_for_the_gate_loss_and_the_oracle():
+    """theta of eq. 8 (--gate-iou) reaches the gates' training target and the oracle's fixed gates."""
+    torch.manual_seed(0)
+    images, sizes, boxes, gt_boxes, gt_labels = make_batch()
+    batch = Batch(images, sizes, boxes, torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 1]]), torch.zeros(2, C, dtype=torch.bool),
+                  gt_boxes, gt_labels, ["a", "b"])
+    # regions: image 0's three proposals (IoU 0, 1 and 0.32 with its box) and whole image (0.39); image 1's whole image (1)
+    paper, loose = [0.0, 1, 0, 0, 1], [0.0, 1, 1, 1, 1]
+    oracle = RGNN(ModelConfig(num_classes=C, gate="none")).eval()
+    with torch.no_grad():
+        assert StageModel(oracle, "regional", oracle=True)(batch).gates.tolist() == paper
+        assert StageModel(oracle, "regional", oracle=True, theta=0.3)(batch).gates.tolist() == loose
+        model = RGNN(ModelConfig(num_classes=C)).eval()
+        nn.init.normal_(model.gate.transform.weight, std=0.1)  # gates away from 0.5, where every error is 0.25
+        out = StageModel(model, "gates")(batch)
+        for theta, r in ((0.5, paper), (0.3, loose)):
+            want = localization_loss(out.gates, torch.tensor(r), out.image_index, 2)
+            assert stage_losses(out, batch, "gates", 0.0, C, theta=theta)["loss_loc"].item() == pytest.approx(want.item())
+        assert stage_losses(out, batch, "gates", 0.0, C)["loss_loc"] != stage_losses(out, batch, "gates", 0.0, C,
+                                                                                        theta=0.3)["loss_loc"]
 
 
 def test_images_without_proposals_and_one_roi_call():

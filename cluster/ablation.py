@@ -14,6 +14,8 @@ that seed. With E1..E4 the stage epochs:
 - "multi-label loss" rows: stage 2 for E2, then stage 4 for E4 with lambda = 0 (eq. 6 alone; the
   gates learn only through the classification loss, no stage 3);
 - "multi-task loss" rows: stages 2, 3, 4 as in training (eq. 9, lambda decaying);
+- in both, the classification loss trains the gate in stage 4 (`--gate-loss multitask`) whatever the
+  base config says, so that each row is what its name says;
 - pool-layer rows: fc6, fc7, fc8 or the softmax of fc8 pooled, ungated and region-gated with the
   multi-task loss (the softmax ones are the "multi-scale" and "region gate, multi-task loss" rows);
 - the oracle row: ungated training and evaluation with every region's gate fixed to eq. 8's 0/1
@@ -70,6 +72,8 @@ def row_config(base: TrainConfig, changes: dict, kind: str, seed: int) -> TrainC
                     seed=seed)
     if kind == "multilabel":
         cfg.schedule.lambdas.family, cfg.schedule.lambdas.start = "constant", 0.0
+    if kind != "regional":
+        cfg.schedule.gate_loss = "multitask"  # the loss the row is named after trains the gate
     return cfg
 
 

@@ -11,10 +11,25 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cluster.ablation import GLOBAL, ROWS, main
+from cluster.ablation import GLOBAL, ROWS, main, row_config
 from rgnn.io.checkpoint import read_payload
+from rgnn.train.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rows_train_what_their_names_say_over_the_base_config():
+    """The photo recipe trains its gate by eq. 7 alone in stage 4; the multi-label and multi-task rows' gates
+    learn from the loss they are named after anyway (eq. 6 / eq. 9)."""
+    base, _ = parse_args(["--photos"])
+    assert base.schedule.gate_loss == "localization"
+    task = row_config(base, *ROWS["region gate, multi-task loss"], seed=1)
+    label = row_config(base, *ROWS["region gate, multi-label loss"], seed=1)
+    assert (task.schedule.gate_loss, task.schedule.epochs, task.model.gate) == ("multitask", [0, 4, 2, 6], "region")
+    assert (label.schedule.gate_loss, label.schedule.epochs, label.schedule.lambdas.start,
+            label.schedule.lambdas.family) == ("multitask", [0, 4, 0, 6], 0.0, "constant")
+    ungated = row_config(base, *ROWS["regional, multi-scale"], seed=1)
+    assert (ungated.model.gate, ungated.schedule.epochs, ungated.schedule.seed) == ("none", [0, 10, 0, 0], 1)
 
 
 def test_ablation_produces_every_row(shard_root, tmp_path):

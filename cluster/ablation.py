@@ -101,7 +101,8 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
     results = done.setdefault("rows", {})
     first = base.schedule.seed
     with parent_run(uri, base.tracking.experiment, f"ablation {out.stem}", base.flat(),
-                    {"kind": "ablation", "dataset": base.dataset}, done, lambda: write_json(done_file, done)) as log:
+                    {"kind": "ablation", "dataset": base.dataset}, done, lambda: write_json(done_file, done),
+                    done_file) as log:
         for seed in range(first, first + seeds):
             global_weights = out.with_name(f"{out.name}.global-seed{seed}.pt")
             cfg = base.copy(epochs=[base.schedule.epochs[0], 0, 0, 0], gate="none", seed=seed)

@@ -81,3 +81,7 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
 
     assert len(client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")) == len(results)
+    # resumed against another tracking store, which does not hold the saved parent run: named at once
+    elsewhere = [a if not a.startswith("sqlite") else f"sqlite:///{tmp_path}/other.db" for a in args]
+    with pytest.raises(SystemExit, match=f"table.md.rows.json: run {parent} is not in the tracking store"):
+        main(elsewhere)

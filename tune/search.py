@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = {**base.flat(), "search": opts["search"], "trials": str(opts["trials"]), "space": json.dumps(space),
               "share_stages": str(share)}
     with parent_run(base.tracking.tracking_uri, base.tracking.experiment, f"search {out.name}", params,
-                    {"kind": "search", "dataset": base.dataset}, state, lambda: write_json(state_file, state)) as log:
+                    {"kind": "search", "dataset": base.dataset}, state, lambda: write_json(state_file, state),
+                    state_file) as log:
         init_checkpoint = _shared_stages(base, shard_dirs, out, state, state_file, log.run_id) if share else None
         trainable = tune.with_parameters(run_trial, base=base.to_flat(), shard_dirs=shard_dirs, parent_run_id=log.run_id,
                                          init_checkpoint=init_checkpoint,

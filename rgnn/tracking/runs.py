@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from rgnn.io.redaction import redact, scrub
@@ -123,7 +124,13 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
         for key, value in params.items():
             client.log_param(run_id, key, value)
     else:
-        client.update_run(run_id, status="RUNNING")
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise ValueError(f"run {run_id} is not in the tracking store {redact(uri)}: resume with the tracking URI "
+                             "it was started with") from None
     return run_id
 
 
@@ -249,18 +256,21 @@ def recall_metrics(split: str, recall: dict) -> dict[str, float]:
 
 @contextmanager
 def parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict, state: dict,
-               save: Callable[[], None]) -> Iterator["RunLogger"]:
+               save: Callable[[], None], state_file: str | Path = "the job's state") -> Iterator["RunLogger"]:
     """The parent run of a search or an ablation, whose children are its trials or rows.
 
-    Its id lives in `state["parent_run_id"]` (created here and `save()`d at once, so a resumed job
-    reopens the same run). The run ends FINISHED when the block does, KILLED on Ctrl+C or exit
+    Its id lives in `state["parent_run_id"]` (created here and `save()`d at once to `state_file`, so a
+    resumed job reopens the same run; one missing from the store is an error naming the file). The run ends FINISHED when the block does, KILLED on Ctrl+C or exit
     (a resume reopens it), FAILED on an error: never left RUNNING.
     """
     if "parent_run_id" not in state:
         state["parent_run_id"] = start_run(uri, experiment, name, params, {**tags, "git_commit": git_commit()})
         save()
     else:
-        start_run(uri, experiment, name, params, tags, state["parent_run_id"])
+        try:
+            start_run(uri, experiment, name, params, tags, state["parent_run_id"])
+        except ValueError as e:
+            raise ValueError(f"{state_file}: {e}") from None
     log = RunLogger(uri, state["parent_run_id"])
     try:
         yield log

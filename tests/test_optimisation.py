@@ -212,3 +212,23 @@ def test_channels_last_is_applied_and_gives_the_same_gradients(shard_root):
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     assert grads[0].abs().max() > 0
+
+
+def test_the_oracle_is_evaluated_at_the_iou_threshold_it_was_trained_with(shard_root):
+    """--oracle-gates --gate-iou 0.3: the val pass fixes the gates at theta 0.3 too; gate quality is measured at 0.5."""
+    from rgnn.train.stages import validate
+
+    cfg = tiny(shard_root, gate="none", oracle_gates=True, gate_iou=0.3)
+    torch.manual_seed(0)
+    model = RGNN(model_config(cfg, len(shards.class_names(shard_root / "train2017"))))
+    got = {theta: validate(model, "regional", shard_root / "val2017", cfg.input, 6, oracle=True, theta=theta)
+           for theta in (0.5, 0.3)}
+    assert got[0.5]["gate_auc"] == 1.0 and got[0.5]["gate_mean_other"] == 0.0
+    # at 0.3 the regions with IoU in (0.3, 0.5] are open too: not objects at 0.5
+    assert got[0.3]["gate_mean_object"] == 1.0 and 0.0 < got[0.3]["gate_mean_other"] < 1.0
+    assert got[0.3]["mAP"] != got[0.5]["mAP"]
+    reports = []
+    run_stages(cfg.copy(epochs=[0, 1, 0, 0], start_stage="regional"), model, shards.class_names(shard_root / "train2017"),
+               shard_root / "train2017", shard_root / "val2017", torch.device("cpu"),
+               hooks=Hooks(report=lambda s, m: reports.append(m)))
+    assert reports[-1]["val/gate_mean_other"] > 0.0  # the training's own evaluation: at its theta, 0.3

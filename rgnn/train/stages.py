@@ -108,8 +108,11 @@ def stages_to_run(epochs: list[int], start_stage: str, gated: bool) -> list[str]
 
 def validate(model: RGNN, stage: str, val_dir: Path, inputs: InputConfig, batch_size: int, *, rank: int = 0,
              world: int = 1, device: torch.device = torch.device("cpu"), loader_workers: int = 0,
-             voc07: bool = False, oracle: bool = False) -> dict:
+             voc07: bool = False, oracle: bool = False, theta: float = 0.5) -> dict:
     """Scores of the whole val split gathered from every rank, then mAP, per-class AP, CF1/OF1.
+
+    `oracle`, `theta`: the gates fixed to eq. 8's targets at IoU threshold theta (the diagnostic
+    `--oracle-gates`, evaluated as it was trained).
 
     mAP is the area under the PR curve (COCO and VOC 2012 practice); `voc07` adds `mAP_voc07`,
     VOC 2007's 11-point rule. VOC difficult-only classes are ignored per image. With gates, the
@@ -118,7 +121,7 @@ def validate(model: RGNN, stage: str, val_dir: Path, inputs: InputConfig, batch_
     """
     loader = shards.shard_loader(val_dir, Preprocess.for_stage(inputs, model.cfg, stage), batch_size=batch_size,
                                  rank=rank, world_size=world, num_workers=loader_workers, for_eval=True)
-    got = gather_predictions(collect_scores(StageModel(model, stage, oracle), loader, device))
+    got = gather_predictions(collect_scores(StageModel(model, stage, oracle, theta=theta), loader, device))
     scores, targets, ignore = got["scores"], got["targets"], got["ignore"]
     ap = average_precision(scores, targets, mode="area", ignore=ignore)
     result = {"mAP": mean_ap(ap), "ap": ap, "scores": scores, "targets": targets,
@@ -191,7 +194,8 @@ class _Run:
         s, c = self.cfg.schedule, self.cfg
         return validate(self.model, stage, self.val_dir, c.input, s.batch_size, rank=self.rank, world=self.world,
                         device=self.device, loader_workers=c.cluster.loader_workers,
-                        voc07=c.dataset == "voc" and "2007" in str(c.data.voc_root), oracle=s.oracle_gates)
+                        voc07=c.dataset == "voc" and "2007" in str(c.data.voc_root), oracle=s.oracle_gates,
+                        theta=s.gate_iou)
 
     def stage(self, stage: str) -> tuple[str, dict] | None:
         """Train `stage` on from where the state stands: (stage, its final evaluation), None if it was over."""

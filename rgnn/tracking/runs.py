@@ -260,8 +260,9 @@ def parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict, s
     """The parent run of a search or an ablation, whose children are its trials or rows.
 
     Its id lives in `state["parent_run_id"]` (created here and `save()`d at once to `state_file`, so a
-    resumed job reopens the same run; one missing from the store is an error naming the file). The run ends FINISHED when the block does, KILLED on Ctrl+C or exit
-    (a resume reopens it), FAILED on an error: never left RUNNING.
+    resumed job reopens the same run; one missing from the store is an error naming the file). The run
+    ends FINISHED when the block does, KILLED on Ctrl+C or exit (a resume reopens it), FAILED on an
+    error: never left RUNNING.
     """
     if "parent_run_id" not in state:
         state["parent_run_id"] = start_run(uri, experiment, name, params, {**tags, "git_commit": git_commit()})

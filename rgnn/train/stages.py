@@ -197,12 +197,17 @@ class _Run:
                         voc07=c.dataset == "voc" and "2007" in str(c.data.voc_root), oracle=s.oracle_gates,
                         theta=s.gate_iou)
 
+    def stage_model(self, stage: str) -> StageModel:
+        """The model as `stage` runs it, with the schedule's gate options (oracle, gate loss, eq. 8's theta)."""
+        s = self.cfg.schedule
+        return StageModel(self.model, stage, s.oracle_gates, s.gate_loss, s.gate_iou)
+
     def stage(self, stage: str) -> tuple[str, dict] | None:
         """Train `stage` on from where the state stands: (stage, its final evaluation), None if it was over."""
         s, state, model = self.cfg.schedule, self.state, self.model
         first_epoch = state.epoch if stage == state.stage else 0
         params = set_trainable(model, stage)
-        net = self.hooks.wrap(StageModel(model, stage, s.oracle_gates, s.gate_loss, s.gate_iou))
+        net = self.hooks.wrap(self.stage_model(stage))
         optimizer = (torch.optim.AdamW(params, lr=s.lr_for(stage), weight_decay=s.weight_decay) if s.weight_decay
                      else torch.optim.Adam(params, lr=s.lr_for(stage)))
         if first_epoch and state.optimizer is not None:
@@ -271,12 +276,11 @@ class _Run:
         if self.state.global_step != 0 or stage == "gates":
             return None
         batch = next(iter(loader)).to(self.device)
-        return batch, batch_loss(StageModel(self.model, stage, self.cfg.schedule.oracle_gates,
-                                             theta=self.cfg.schedule.gate_iou), batch, self.num_classes)
+        return batch, batch_loss(self.stage_model(stage), batch, self.num_classes)
 
     def _check_learned(self, stage: str, batch: Batch, before: float, steps: int) -> None:
         s = self.cfg.schedule
-        after = batch_loss(StageModel(self.model, stage, s.oracle_gates, theta=s.gate_iou), batch, self.num_classes)
+        after = batch_loss(self.stage_model(stage), batch, self.num_classes)
         if stalled(before, after):
             self.hooks.on_warning(no_learning_warning(stage, before, after, s.lr_for(stage), steps * s.batch_size,
                                                       self.cfg.recipe))

@@ -3,6 +3,7 @@ import os
 import pytest
 
 import services
+from exit_status import pytest_sessionfinish  # noqa: F401  (a pytest hook)
 
 # Keep BLAS and OpenCV from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

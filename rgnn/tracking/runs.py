@@ -256,7 +256,7 @@ def recall_metrics(split: str, recall: dict) -> dict[str, float]:
 
 @contextmanager
 def parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict, state: dict,
-               save: Callable[[], None], state_file: str | Path = "the job's state") -> Iterator["RunLogger"]:
+               save: Callable[[], None], state_file: str | Path) -> Iterator["RunLogger"]:
     """The parent run of a search or an ablation, whose children are its trials or rows.
 
     Its id lives in `state["parent_run_id"]` (created here and `save()`d at once to `state_file`, so a

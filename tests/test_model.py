@@ -477,3 +477,25 @@ def test_fixed_gates_scale_the_pooled_regions():
         plain = model(images, sizes, boxes)
     assert torch.allclose(ones.logits, plain.logits) and torch.equal(ones.gates, torch.ones(R))
     assert not torch.allclose(zeros.logits, plain.logits)
+
+
+@pytest.mark.parametrize("gate", ["region", "feature"])
+def test_an_open_whole_image_keeps_its_evidence_where_every_gate_closes(gate):
+    """--whole-image-gate open: with every gate at 0 the classifier sees the whole image alone (as with
+    no proposals); learned, it sees nothing. The gates returned (for eq. 7 and the metrics) stay the unit's."""
+    images, sizes, boxes, _, _ = make_batch()
+    logits = {}
+    for whole in ("learned", "open"):
+        torch.manual_seed(0)
+        model = RGNN(ModelConfig(num_classes=C, gate=gate, whole_image_gate=whole)).eval()
+        nn.init.constant_(model.gate.transform.bias, -1e4)  # every gate closed
+        with torch.no_grad():
+            out = model(images, sizes, boxes)
+            alone = model(images, sizes, [torch.zeros(0, 4)] * 2)  # the whole images only
+            oracle = model(images, sizes, boxes, fixed_gates=torch.zeros(len(out.boxes)))
+        assert out.gates.max() == 0.0  # the unit's gates, the whole images' included
+        logits[whole] = out.logits, alone.logits, oracle.logits
+    closed, _, closed_oracle = logits["learned"]
+    opened, whole_only, opened_oracle = logits["open"]
+    assert torch.allclose(opened, whole_only) and torch.allclose(opened_oracle, whole_only)
+    assert torch.allclose(closed, closed_oracle) and not torch.allclose(closed, whole_only, atol=1e-3)

@@ -34,6 +34,7 @@ GATES = ("none", "region", "feature")
 GATE_NORMS = ("none", "batch")  # the gate's input u_i as it is (the paper's), or standardised (rgnn.nn.gates)
 GATE_INPUTS = ("fc7", "roi")  # u_i: the region's fc7 (the paper's), or its pooled trunk feature (fc6's input)
 POOL_LAYERS = ("fc6", "fc7", "fc8", "softmax")
+WHOLE_IMAGE_GATES = ("learned", "open")  # the whole-image region gated like a proposal, or always at 1
 
 
 @dataclass
@@ -58,6 +59,10 @@ class ModelConfig:
         weights: None (random init), "imagenet" (rgnn.nn.backbones.imagenet_file), or the path of a
             backbone state_dict (see rgnn.nn.backbones).
         dropout: after fc6, fc7 and the classifier's hidden layer.
+        whole_image_gate: "learned" (the whole-image region is gated as every proposal is) or "open" (the
+            classifier always sees it at gate 1: an object no proposal covers keeps the whole image's
+            evidence, where eq. 8 would close every region of it; the gate unit still runs on it and
+            eq. 7 still trains it there). Ours: the paper has no whole-image region.
         mean, std: the per-channel input normalisation the backbone's weights expect (images in
             [0, 1]; rgnn.nn.backbones.normalisation); they travel with the model so that prediction
             normalises as training did.
@@ -74,6 +79,7 @@ class ModelConfig:
     hidden: int = 512
     weights: str | None = None
     dropout: float = 0.5
+    whole_image_gate: str = "learned"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -82,7 +88,7 @@ class ModelConfig:
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 1")
         choices = {"backbone": BACKBONES, "gate": GATES, "gate_norm": GATE_NORMS, "gate_input": GATE_INPUTS,
-                   "scales": SCALES, "pool_layer": POOL_LAYERS}
+                   "scales": SCALES, "pool_layer": POOL_LAYERS, "whole_image_gate": WHOLE_IMAGE_GATES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -94,6 +100,14 @@ class ModelConfig:
             v = getattr(self, name)
             if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v) or (name == "std" and min(v) <= 0):
                 raise ValueError(f"{name}={v!r}: expected three numbers (one per RGB channel{', > 0' if name == 'std' else ''})")
+
+
+def whole_image_regions(image_index: Tensor) -> Tensor:
+    """long Tensor[R] (`RGNN.regions`' image index) -> bool Tensor[R]: each image's whole-image region,
+    the last of its regions."""
+    last = torch.ones_like(image_index, dtype=torch.bool)
+    last[:-1] = image_index[1:] != image_index[:-1]
+    return last
 
 
 @dataclass
@@ -289,7 +303,11 @@ class RGNN(nn.Module):
         x = self._pooled_layer(f.h6, f.h7)  # (R, D)
         gates = self.gate(f.u) if self._gated(open_gates) else fixed_gates  # (R,) or (R, D)
         if gates is not None:
-            x = apply_gate(x, gates.detach() if detach_gates else gates)  # eq. 2 / eq. 4
+            applied = gates.detach() if detach_gates else gates
+            if self.cfg.whole_image_gate == "open":
+                whole = whole_image_regions(f.image_index)  # (R,)
+                applied = applied.masked_fill(whole if applied.dim() == 1 else whole.unsqueeze(1), 1.0)
+            x = apply_gate(x, applied)  # eq. 2 / eq. 4
         z = self.pool(x, f.area_ratio, f.image_index, f.num_images)  # (N, scales*D)
         return RGNNOutput(self.classifier(z), gates, f.boxes, f.image_index, f.area_ratio)
 

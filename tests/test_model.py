@@ -9,8 +9,8 @@ import torchvision
 
 from rgnn.nn.backbones import build_backbone
 from rgnn.nn.gates import FeatureGate, RegionGate, apply_gate, feature_gate, region_gate
-from rgnn.nn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, region_targets
-from rgnn.nn.model import GATES, POOL_LAYERS, RGNN, ModelConfig
+from rgnn.nn.losses import balanced_multilabel_loss, localization_loss, multitask_loss, object_regions, region_targets
+from rgnn.nn.model import GATES, POOL_LAYERS, RGNN, ModelConfig, whole_image_regions
 from rgnn.nn.pooling import CrossRegionMaxPool, cross_region_max_pool
 from rgnn.nn.pooling import area_bins
 from rgnn.data.transforms import Batch
@@ -499,3 +499,14 @@ def test_an_open_whole_image_keeps_its_evidence_where_every_gate_closes(gate):
     opened, whole_only, opened_oracle = logits["open"]
     assert torch.allclose(opened, whole_only) and torch.allclose(opened_oracle, whole_only)
     assert torch.allclose(closed, closed_oracle) and not torch.allclose(closed, whole_only, atol=1e-3)
+
+
+def test_the_whole_image_is_each_images_last_region_and_gate_quality_leaves_it_out():
+    images, sizes, boxes, gt_boxes, _ = make_batch()
+    with torch.no_grad():
+        out = RGNN(ModelConfig(num_classes=C)).eval()(images, sizes, boxes)
+    whole = whole_image_regions(out.image_index)  # image 0: 3 proposals + whole image; image 1: whole image only
+    assert whole.tolist() == [False, False, False, True, True]
+    assert out.boxes[whole].tolist() == [[0, 0, 128, 96], [0, 0, 80, 64]]
+    _, proposal = object_regions(out, gt_boxes)
+    assert proposal.tolist() == [True, True, True, False, False]

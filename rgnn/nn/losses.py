@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from rgnn.nn.model import RGNNOutput
+from rgnn.nn.model import RGNNOutput, whole_image_regions
 
 # eq. 8's target of a feature-level gate: the region's (the paper's bold 1/0) or per class (ours)
 GATE_TARGETS = ("region", "class")
@@ -180,7 +180,4 @@ def object_regions(out: RGNNOutput, gt_boxes: list[Tensor], theta: float = 0.5) 
         (float Tensor[R] of 0/1, bool Tensor[R]).
     """
     targets = batch_targets(out.boxes.float(), out.image_index, gt_boxes, theta)  # (R,)
-    counts = torch.bincount(out.image_index, minlength=len(gt_boxes))  # (N,)
-    proposal = torch.ones(len(out.boxes), dtype=torch.bool, device=out.boxes.device)
-    proposal[torch.cumsum(counts, 0)[counts > 0] - 1] = False  # each image's last region: the whole image
-    return targets, proposal
+    return targets, ~whole_image_regions(out.image_index)

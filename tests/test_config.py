@@ -290,18 +290,19 @@ def test_the_photo_recipe_comes_with_the_backbone_on_any_data():
                 cfg.input.max_regions) == ([4, 4, 2, 6], 8e-4, 8, 288, 64)
         # the gate: one hidden layer on the standardised pooled trunk feature (README: Photographs)
         assert (cfg.model.gate_input, cfg.model.gate_hidden, cfg.model.gate_norm, cfg.schedule.gate_loss,
-                cfg.model.whole_image_gate) == ("roi", 256, "batch", "localization", "open")
+                cfg.model.whole_image_gate, cfg.model.pool_layer) == ("roi", 256, "batch", "localization", "open", "fc8")
     assert photos.dataset == "photos" and (photos.data.photos, photos.data.synthetic_train) == ("main", 600)
     assert parse_args(["--photos", "alt"])[0].data.photos == "alt"
     vgg, _ = parse_args(["--coco-root", "/data/coco"])
     assert vgg.model.mean == (0.485, 0.456, 0.406) and vgg.schedule.epochs == [10, 10, 10, 20]
-    for paper in (vgg, parse_args([])[0]):  # the paper's gate: one FC layer on raw fc7
+    for paper in (vgg, parse_args([])[0]):  # the paper's gate (one FC layer on raw fc7) and pooled layer
         assert (paper.model.gate_input, paper.model.gate_hidden, paper.model.gate_norm, paper.schedule.gate_loss,
-                paper.model.whole_image_gate) == ("fc7", 0, "none", "multitask", "learned")
+                paper.model.whole_image_gate, paper.model.pool_layer) == ("fc7", 0, "none", "multitask", "learned",
+                                                                          "softmax")
     own, _ = parse_args(["--photos", "--gate-norm", "none", "--gate-input", "fc7", "--gate-hidden", "0", "--gate-loss",
-                         "multitask", "--whole-image-gate", "learned"])
+                         "multitask", "--whole-image-gate", "learned", "--pool-layer", "softmax"])
     assert (own.model.gate_input, own.model.gate_hidden, own.model.gate_norm, own.schedule.gate_loss,
-            own.model.whole_image_gate) == ("fc7", 0, "none", "multitask", "learned")
+            own.model.whole_image_gate, own.model.pool_layer) == ("fc7", 0, "none", "multitask", "learned", "softmax")
     smoke, _ = parse_args(["--photos", "--smoke-test"])
     assert (smoke.model.backbone, smoke.model.weights, smoke.data.synthetic_train) == ("efficientnet_lite0", "imagenet", 48)
     with pytest.raises(ValueError, match="at most one"):

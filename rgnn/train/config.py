@@ -119,7 +119,7 @@ class TrackingConfig:
 def _model_defaults() -> ModelConfig:
     # chosen by the recipe in resolve()
     return ModelConfig(backbone=None, dropout=None, mean=None, std=None, gate_norm=None, gate_input=None,
-                       gate_hidden=None, whole_image_gate=None)
+                       gate_hidden=None, whole_image_gate=None, pool_layer=None)
 
 
 @dataclass
@@ -275,9 +275,10 @@ INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout
           "resnet50": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "efficientnet_lite0": dict(image_size=288, max_size=384, global_size=224, max_regions=64, batch_size=8,
                                      dropout=0.2, lr=8e-4, gate_input="roi", gate_hidden=256, gate_norm="batch",
-                                     gate_loss="localization", whole_image_gate="open"),
+                                     gate_loss="localization", whole_image_gate="open", pool_layer="fc8"),
           "small": dict(image_size=192, max_size=384, global_size=128, max_regions=128, batch_size=16, dropout=0.1)}
-PAPER_GATE = dict(gate_input="fc7", gate_hidden=0, gate_norm="none", gate_loss="multitask",  # section 4.2's
+PAPER_HEAD = dict(gate_input="fc7", gate_hidden=0, gate_norm="none", gate_loss="multitask",  # section 4.2's gate
+                  pool_layer="softmax",  # section 4.3: the best pooled layer of its Table 1
                   whole_image_gate="learned")  # (the paper has no whole-image region: ours is gated like a proposal)
 # EfficientNet-Lite0 (the photo job, README: Photographs) keys its epochs to itself on any data: 30
 # minutes on 2 CPU cores for 600 images of 384 x 288 (the README's figures)
@@ -333,7 +334,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     mean, std = normalisation(m.backbone)  # what the backbone's weights were trained with
     default("mean", mean)
     default("std", std)
-    for name, value in {**PAPER_GATE, **INPUTS[m.backbone]}.items():
+    for name, value in {**PAPER_HEAD, **INPUTS[m.backbone]}.items():
         default(name, value)
     default("recipe", recipe_of(m.weights))
     if cfg.recipe not in LR_PER_IMAGE:
@@ -516,7 +517,8 @@ FLAGS = {
     "gate_hidden": Flag("model", "width of a hidden layer in the gate (dropout, FC, ReLU before its FC layer), 0 for "
                         "none (the paper's; default; efficientnet_lite0: 256)", type=_count(0, 16384)),
     "scales": Flag("model", "cross-region max pooling scales (default 5)", type=int, choices=SCALES),
-    "pool_layer": Flag("model", "layer that is gated and pooled (default softmax)", choices=POOL_LAYERS),
+    "pool_layer": Flag("model", "layer that is gated and pooled (default softmax, the paper's; efficientnet_lite0: "
+                       "fc8)", choices=POOL_LAYERS),
     "whole_image_gate": Flag("model", "the whole-image region (ours, always added): gated like every proposal "
                              "(learned; default) or always seen at gate 1 (open: an object no proposal covers keeps "
                              "the whole image's evidence; efficientnet_lite0's default)", choices=WHOLE_IMAGE_GATES),

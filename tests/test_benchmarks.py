@@ -107,3 +107,34 @@ def test_gate_probe_tiny(tmp_path):
         assert all(0.0 <= r[k] <= 1.0 for k in ("all", "far", "near")), r
         assert f"{r['gate']:28s} {r['all']:8.3f}" in text
     assert re.search(r"102 train / 68 val regions", text)  # 16 proposals + the whole image, every image
+
+
+def test_region_classifier_counts_fc8_on_each_true_box(trained, synthetic_root, tmp_path):
+    """As the README runs it; its counts are those of fc8's arg-max on every true box put through the
+    model alone (the whole image appended after it, as the model does)."""
+    import torch
+
+    from rgnn.data.coco import read_coco
+    from rgnn.data.images import decode_image
+    from rgnn.infer.predict import Predictor
+
+    out = tmp_path / "region_classifier.json"
+    text = _script("region_classifier", "--checkpoint", str(trained / "ckpt"), "--coco-root", str(synthetic_root),
+                   "--out", str(out))
+    result = json.loads(out.read_text())
+    predictor = Predictor.load(trained / "ckpt")
+    labeled = read_coco(synthetic_root, "val2017")
+    right = dict.fromkeys(labeled.class_names, 0)
+    boxes = dict.fromkeys(labeled.class_names, 0)
+    for record in labeled.records:
+        image = decode_image(record.path)
+        for box, c in zip(record.gt_boxes, record.gt_classes):
+            p = predictor.preprocess(image, box[None, :0].reshape(0, 4), box[:0], box[None])
+            with torch.no_grad():
+                f = predictor.model.forward_features(p.image[None], torch.tensor([p.size]), [p.gt_boxes], open_gates=True)
+            name = labeled.class_names[c]
+            boxes[name] += 1
+            right[name] += int(predictor.model.fc8(f.h7[:1]).argmax(1).item() == c)
+    assert result["per_class"] == {n: [right[n], boxes[n]] for n in labeled.class_names}
+    assert result["boxes"] == sum(len(r.gt_boxes) for r in labeled.records) > 0
+    assert f"right class on {result['right']} of {result['boxes']} true val2017 boxes" in text

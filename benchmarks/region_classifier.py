@@ -20,6 +20,7 @@ from report import RESULTS, write_result
 from rgnn.data.coco import read_coco
 from rgnn.data.images import decode_image
 from rgnn.infer.predict import Predictor
+from rgnn.nn.model import whole_image_regions
 
 
 def box_predictions(predictor: Predictor, image: np.ndarray, gt_boxes: np.ndarray) -> torch.Tensor:
@@ -29,7 +30,7 @@ def box_predictions(predictor: Predictor, image: np.ndarray, gt_boxes: np.ndarra
     sizes = torch.tensor([p.size])  # (1, 2)
     with torch.no_grad():
         f = model.forward_features(p.image[None].to(predictor.device), sizes, [p.gt_boxes], open_gates=True)
-        logits = model.fc8(f.h7[:-1])  # (G, C): the whole image, appended last, left out
+        logits = model.fc8(f.h7[~whole_image_regions(f.image_index)])  # (G, C): the whole image left out
     return logits.argmax(1).cpu()
 
 

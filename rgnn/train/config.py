@@ -270,8 +270,8 @@ BUILTIN_EPOCHS = [4, 4, 4, 8]  # 1200 images on 2 CPU cores; stages 3 and 4 for 
 #   gate on the pooled trunk feature reaches 0.85, one with a hidden layer of 256 0.87, and in stage 4
 #   eq. 9 reopened the gates where eq. 7 alone kept them; its whole-image region stays open (eq. 8 closes
 #   every region of the half of the objects that EdgeBoxes does not cover at T = 64), which lifted the
-#   joint stage in 3 of 3 seeds; and it pools fc8 through a ReLU, not its softmax, which makes every
-#   region, background included, claim the classes: joint +3.7 +- 1.8 points, 3 seeds (README: Photographs);
+#   joint stage in 3 of 3 seeds; and it pools fc8 through a ReLU, not its softmax (which makes every
+#   region, background included, spend 1 over the classes): joint +3.7 +- 1.8 points, 3 seeds (README: Photographs);
 INPUTS = {"vgg16": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "resnet50": {**dataclasses.asdict(PAPER_INPUT), "batch_size": 2, "dropout": 0.5},
           "efficientnet_lite0": dict(image_size=288, max_size=384, global_size=224, max_regions=64, batch_size=8,

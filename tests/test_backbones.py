@@ -179,3 +179,59 @@ def test_the_readme_voc_command_offline_stops_at_once_naming_the_weights_file(tm
     assert "vgg16-397923af.pth" in error[0] and "https://download.pytorch.org/models/vgg16-397923af.pth" in error[0]
     assert str(folder) in error[0] and not list(folder.glob("*.pth"))
     assert not (tmp_path / "shards").exists() and "Ray" not in run.stdout + run.stderr
+
+
+def test_the_feature_cache_gives_the_trunks_own_features_each_image_computed_once():
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0").train()  # training mode: the frozen front is the same
+    assert backbone.front == len(backbone.frozen)  # stem, its BatchNorm and every block
+    images = torch.randn(5, 3, 96, 128).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = backbone(images)  # (5, 1280, 6, 8)
+    backbone.use_cache(1 << 30)
+    backbone(images[:2])
+    assert (backbone.cache.hits, backbone.cache.misses) == (0, 2)
+    features = backbone(images)  # two held, three computed as one batch
+    assert (backbone.cache.hits, backbone.cache.misses) == (2, 5)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    features.sum().backward()  # conv_head still trains on the held features
+    assert backbone.trunk.conv_head.weight.grad is not None
+    backbone(images.flip(3))  # a mirrored image is another image
+    assert backbone.cache.misses == 10
+    backbone.use_cache(0)
+    assert backbone.cache is None
+
+
+def test_the_feature_cache_follows_new_weights_and_holds_at_most_its_bytes():
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0").eval()
+    images = torch.randn(4, 3, 64, 96)
+    one = backbone.trunk[:backbone.front](images[:1]).numel() * 4  # bytes of one image's features
+    backbone.use_cache(2 * one)
+    backbone(images)
+    assert backbone.cache.held == 2 * one and backbone.cache.misses == 4
+    backbone(images[2:])  # the last two are held
+    assert backbone.cache.hits == 2
+    front = backbone.trunk[:backbone.front]
+    state = {k: v * 1.1 if v.is_floating_point() else v for k, v in front.state_dict().items()}
+    front.load_state_dict(state)  # in place: the held features are of the old weights
+    with torch.no_grad():
+        features = backbone(images[2:])
+    assert backbone.cache.hits == 2
+    backbone.use_cache(0)
+    with torch.no_grad():
+        torch.testing.assert_close(features, backbone(images[2:]), rtol=1e-5, atol=1e-5)
+
+
+def test_no_feature_cache_without_a_frozen_deterministic_front():
+    from rgnn.nn.feature_cache import FeatureCache  # noqa: PLC0415
+
+    small = build_backbone("small")
+    assert small.front == 0  # nothing frozen: every layer trains
+    small.use_cache(1 << 20)
+    assert small.cache is None
+    with pytest.raises(ValueError, match="dropout"):
+        FeatureCache(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout(0.5)), 1 << 20)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        FeatureCache(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), 1 << 20)

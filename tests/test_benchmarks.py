@@ -52,6 +52,8 @@ def test_model_step_benchmark_tiny_with_efficientnet(tmp_path, monkeypatch):
     rows = result["rows"]
     assert [(r["backbone"], r["T"]) for r in rows] == [("small", 16), ("efficientnet_lite0", 16)]
     assert all(r["rgnn_step_s"] > 0 and r["global_step_s"] > 0 for r in rows)
+    small, efficientnet = rows  # only EfficientNet-Lite0 has a frozen front to hold
+    assert "held_front_speedup" not in small and efficientnet["rgnn_held_front_step_s"] > 0
     sys.modules.pop("model_step", None)
 
 

@@ -62,6 +62,8 @@ from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights, VGG16_Weights
 from torchvision.ops import FrozenBatchNorm2d, RoIAlign, RoIPool
 
+from rgnn.nn.feature_cache import FeatureCache, cacheable
+
 BACKBONES = ("vgg16", "resnet50", "efficientnet_lite0", "small")
 STRIDE = 16  # of every trunk
 IMAGENET_URLS = {"vgg16": VGG16_Weights.IMAGENET1K_V1.url, "resnet50": ResNet50_Weights.IMAGENET1K_V2.url}
@@ -107,6 +109,8 @@ class Backbone(nn.Module):
         neck: Tensor[R, F, k, k] -> Tensor[R, fc6 input] (flatten, or average pool for ResNet).
         fc6, fc7: Tensor[R, .] -> Tensor[R, fc6_dim] -> Tensor[R, fc7_dim], each fc, ReLU, dropout.
         frozen: modules of the trunk that stay at their pretrained weights in every stage.
+        front: how many of the trunk's first layers are frozen and map each image alone (their output can
+            be cached: `use_cache`).
     """
 
     def __init__(self, name: str, trunk: nn.Module, roi: nn.Module, global_pool: nn.Module, neck: nn.Module,
@@ -123,9 +127,21 @@ class Backbone(nn.Module):
         self.roi_dim = fc6[0].in_features  # the pooled region feature, fc6's input
         self.fc6_dim = fc6[0].out_features
         self.fc7_dim = fc7[0].out_features
+        layers = list(trunk.children()) if isinstance(trunk, nn.Sequential) else []
+        held = {id(m) for m in frozen}
+        self.front = next((i for i, m in enumerate(layers) if id(m) not in held), len(layers))
+        while self.front and not cacheable(layers[:self.front]):
+            self.front -= 1
+        self.cache: FeatureCache | None = None  # not a module: no state, not in the state_dict
+
+    def use_cache(self, max_bytes: int) -> None:
+        """Memoise the frozen front's features per image (rgnn.nn.feature_cache), up to `max_bytes`; 0 stops."""
+        self.cache = FeatureCache(self.trunk[:self.front], max_bytes) if max_bytes and self.front else None
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.trunk(images)  # (N, F, H/16, W/16)
+        if self.cache is None:
+            return self.trunk(images)  # (N, F, H/16, W/16)
+        return self.trunk[self.front:](self.cache(images))
 
     def region_inputs(self, features: Tensor, rois: Tensor) -> Tensor:
         """Tensor[N, F, h, w], rois Tensor[R, 5] -> fc6 inputs Tensor[R, fc6 input]: one RoI call for the batch.

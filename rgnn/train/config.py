@@ -85,6 +85,7 @@ class ScheduleConfig:
     ema: float = 0.0  # > 0: the decay of an EMA of the weights, evaluated beside them (rgnn.train.ema)
     precision: str = "auto"  # the training forward's autocast: bf16 on GPUs, fp32 elsewhere (rgnn.train.engine)
     memory_format: str = "channels_last"  # the convolutions' layout (rgnn.train.engine.memory_format)
+    feature_cache_mb: int = 1024  # per process: the frozen trunk front's features memoised (rgnn.nn.feature_cache)
     eval_every_epoch: bool = False
     seed: int = 0
 
@@ -574,6 +575,9 @@ FLAGS = {
     "memory_format": Flag("optimisation", "the convolutions' layout in training: channels_last (default, NHWC: faster "
                           "on CPUs and tensor cores) or contiguous (NCHW); results agree to float rounding",
                           choices=MEMORY_FORMATS),
+    "feature_cache_mb": Flag("optimisation", "memory per training process for the features of the trunk's frozen "
+                             "first layers, computed once per image instead of once per epoch (0: none; only "
+                             "backbones with frozen layers use it: efficientnet_lite0)", type=_count(0, 1 << 20)),
     "ema": Flag("optimisation", "decay of an EMA of the weights (e.g. 0.999), evaluated beside the raw weights; at "
                 "each stage's end the better on the val split goes on (default 0: none)",
                 type=_number(0, 1, high_open=True)),

@@ -167,10 +167,14 @@ def run_stages(cfg: TrainConfig, model: RGNN, class_names: list[str], train_dir:
     run = _Run(cfg, model, len(class_names), train_dir, val_dir, device, state, rank, world, hooks,
                shards.steps_per_epoch(train_dir, s.batch_size, world))
     final = None
-    for stage in stages:
-        if STAGES.index(stage) >= STAGES.index(state.stage):
-            final = run.stage(stage) or final
-    return (stages[-1], run.evaluate(stages[-1])) if finished else final
+    model.backbone.use_cache(s.feature_cache_mb << 20)  # the same images each epoch: their frozen features once
+    try:
+        for stage in stages:
+            if STAGES.index(stage) >= STAGES.index(state.stage):
+                final = run.stage(stage) or final
+        return (stages[-1], run.evaluate(stages[-1])) if finished else final
+    finally:
+        model.backbone.use_cache(0)
 
 
 @dataclass

@@ -233,5 +233,10 @@ def test_no_feature_cache_without_a_frozen_deterministic_front():
     assert small.cache is None
     with pytest.raises(ValueError, match="dropout"):
         FeatureCache(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout(0.5)), 1 << 20)
+    from timm.layers import DropPath  # noqa: PLC0415
+
+    assert build_backbone("efficientnet_lite0").front == 9  # timm's default: no DropPath in the blocks
+    with pytest.raises(ValueError, match="dropout"):
+        FeatureCache(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), DropPath(0.1)), 1 << 20)
     with pytest.raises(ValueError, match="BatchNorm"):
         FeatureCache(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), 1 << 20)

@@ -23,9 +23,11 @@ from torch import Tensor, nn
 
 def cacheable(modules: list[nn.Module]) -> bool:
     """Whether `modules` map each image alone and the same way in training and evaluation: no BatchNorm
-    that uses batch statistics, no dropout."""
-    stochastic = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-    return not any(isinstance(m, stochastic) for module in modules for m in module.modules())
+    that uses batch statistics, no dropout of any kind (torch's, or timm's DropPath and DropBlock)."""
+    def stochastic(m: nn.Module) -> bool:
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) or "Drop" in type(m).__name__
+
+    return not any(stochastic(m) for module in modules for m in module.modules())
 
 
 class FeatureCache:

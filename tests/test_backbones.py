@@ -213,12 +213,16 @@ def test_the_feature_cache_follows_new_weights_and_holds_at_most_its_bytes():
     assert backbone.cache.held == 2 * one and backbone.cache.misses == 4
     backbone(images[2:])  # the last two are held
     assert backbone.cache.hits == 2
+    backbone(images[[0, 0]])  # one image twice: computed twice, held once
+    assert backbone.cache.held == 2 * one and len(backbone.cache._entries) == 2
+    backbone(images[2:])  # the same image twice pushed out only the oldest
+    assert backbone.cache.hits == 3
     front = backbone.trunk[:backbone.front]
     state = {k: v * 1.1 if v.is_floating_point() else v for k, v in front.state_dict().items()}
     front.load_state_dict(state)  # in place: the held features are of the old weights
     with torch.no_grad():
         features = backbone(images[2:])
-    assert backbone.cache.hits == 2
+    assert backbone.cache.hits == 3  # computed again with the new weights
     backbone.use_cache(0)
     with torch.no_grad():
         torch.testing.assert_close(features, backbone(images[2:]), rtol=1e-5, atol=1e-5)

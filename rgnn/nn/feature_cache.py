@@ -41,7 +41,8 @@ class FeatureCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes={max_bytes}: expected >= 0")
         if not cacheable([front]):
-            raise ValueError("a module with BatchNorm in training mode or dropout maps an image differently each call")
+            raise ValueError("a module with BatchNorm (batch statistics) or dropout maps an image differently from call "
+                             "to call: its output cannot be held")
         self.front = front
         self.max_bytes = max_bytes
         self.held = 0
@@ -79,7 +80,7 @@ class FeatureCache:
 
     def _put(self, key: tuple, features: Tensor) -> None:
         size = features.numel() * features.element_size()
-        if size > self.max_bytes:
+        if size > self.max_bytes or key in self._entries:  # too big, or the same image twice in one batch
             return
         self._entries[key] = features
         self.held += size

@@ -1,10 +1,11 @@
 """The paper's ablation: the rows of Table 1 and the pool-layer comparison of section 4.3, with seeds.
 
-    python -m cluster.ablation [training flags: --shards / --coco-root / --voc-root / none] [--seeds N] [--out table.md]
+    python -m cluster.ablation [training flags: --shards / --coco-root / --voc-root / none] [--seeds N] [--jobs J]
+                               [--out table.md]
 
-Every row is trained and evaluated in this process with plain PyTorch (rgnn.train.stages.run_stages,
-on a GPU when there is one; Ray only builds missing shards) and logged as an MLflow child run of
-one parent run. Every row runs once per seed; the table gives the mean and the standard deviation
+Every row is trained and evaluated with plain PyTorch (rgnn.train.stages.run_stages, on a GPU when
+there is one; Ray only builds missing shards), in this process or, with --jobs J, J rows at a time in
+as many processes, and logged as an MLflow child run of one parent run. Every row runs once per seed; the table gives the mean and the standard deviation
 over seeds. Stage 1 (global fine-tuning) does not depend on any row's setting, so it is trained
 once per seed: its result is the global baseline row and its weights start every other row of
 that seed. With E1..E4 the stage epochs:
@@ -29,6 +30,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +84,8 @@ def row_config(base: TrainConfig, changes: dict, kind: str, seed: int) -> TrainC
 
 
 def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, rows: list[str] | None = None,
-                 seeds: int = 3) -> dict[str, dict]:
-    """Train and evaluate the global baseline and `rows` (default all), `seeds` times each.
+                 seeds: int = 3, jobs: int = 1) -> dict[str, dict]:
+    """Train and evaluate the global baseline and `rows` (default all), `seeds` times each, `jobs` at a time.
 
     Returns:
         name -> {"mAP" (mean over seeds), "std", "maps" (per seed), "ap" (per class, mean), "runs"};
@@ -89,12 +95,11 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown ablation rows {sorted(unknown)}: expected some of {list(ROWS)}")
-    if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: expected >= 1")
+    if seeds < 1 or jobs < 1:
+        raise ValueError(f"--seeds {seeds}, --jobs {jobs}: expected >= 1 each")
     names = shards.class_names(train_dir)
     if names != shards.class_names(val_dir):
         raise ValueError(f"{train_dir} and {val_dir} have different class lists")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     uri = resolve_tracking_uri(base.tracking.tracking_uri)
     done_file = out.with_name(out.name + ".rows.json")
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
@@ -102,33 +107,17 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
     first = base.schedule.seed
     with parent_run(uri, base.tracking.experiment, f"ablation {out.stem}", base.flat(),
                     {"kind": "ablation", "dataset": base.dataset}, done, lambda: write_json(done_file, done),
-                    done_file) as log:
-        for seed in range(first, first + seeds):
-            global_weights = out.with_name(f"{out.name}.global-seed{seed}.pt")
-            cfg = base.copy(epochs=[base.schedule.epochs[0], 0, 0, 0], gate="none", seed=seed)
-            global_model = model_config(cfg, len(names))
-            if str(seed) not in results.get(GLOBAL, {}) or not global_weights.is_file():
-                torch.manual_seed(seed)
-                model = RGNN(global_model).to(device)
-                results.setdefault(GLOBAL, {})[str(seed)] = _train_row(GLOBAL, cfg, model, names, train_dir, val_dir,
-                                                                      device, uri, log.run_id)
-                write_payload(global_weights, CheckpointPayload.of(model, names, "global"))
-                write_json(done_file, done)
-            # a file of an earlier version may hold the stage-1 weights alone: `fill` says what they are
-            stage1 = read_payload(global_weights, fill={"model_config": dataclasses.asdict(global_model),
-                                                        "class_names": names})
-            check_classes(stage1.class_names, names, str(global_weights))
-            start = {k: v for k, v in stage1.model.items() if k.startswith(STAGE1_KEYS)}
-            for name in rows:
-                if str(seed) in results.get(name, {}):
-                    continue
-                cfg = row_config(base, *ROWS[name], seed)
-                torch.manual_seed(seed)
-                model = RGNN(model_config(cfg, len(names)))
-                model.load_state_dict(start, strict=False)  # backbone and fc8; the head and gates are new
-                results.setdefault(name, {})[str(seed)] = _train_row(name, cfg, model.to(device), names, train_dir,
-                                                                    val_dir, device, uri, log.run_id)
-                write_json(done_file, done)
+                    done_file) as log, _pool(jobs) as run:
+        seed_range = range(first, first + seeds)
+        weights = {s: out.with_name(f"{out.name}.global-seed{s}.pt") for s in seed_range}
+        # stage 1 once per seed first: its weights start every other row of the seed
+        phases = ([(GLOBAL, s) for s in seed_range if str(s) not in results.get(GLOBAL, {}) or not weights[s].is_file()],
+                  [(n, s) for s in seed_range for n in rows if str(s) not in results.get(n, {})])
+        for phase in phases:
+            tasks = [Task(n, s, base, names, train_dir, val_dir, uri, log.run_id, weights[s]) for n, s in phase]
+            for t, result in run(train_task, tasks):
+                results.setdefault(t.name, {})[str(t.seed)] = result
+                write_json(done_file, done)  # at once: a rerun skips it
         order = [GLOBAL] + [r for r in ROWS if r in rows]
         summary = {n: _summarise(results[n], range(first, first + seeds)) for n in order}
         write_text(out, ablation_markdown(summary, names))
@@ -136,6 +125,67 @@ def run_ablation(base: TrainConfig, train_dir: Path, val_dir: Path, out: Path, r
         for i, n in enumerate(order):
             log.metric("ablation/mAP", summary[n]["mAP"], i)
     return summary
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (row, seed) of the ablation: what a process needs to train and evaluate it."""
+
+    name: str
+    seed: int
+    base: TrainConfig
+    names: list[str]
+    train_dir: Path
+    val_dir: Path
+    uri: str
+    parent: str  # the MLflow parent run
+    global_weights: Path  # the seed's stage-1 model: written by the global row, read by the others
+
+
+def train_task(t: Task) -> dict:
+    """Train and evaluate one row of one seed (the global row writes its weights to `t.global_weights`)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if t.name == GLOBAL:
+        cfg = t.base.copy(epochs=[t.base.schedule.epochs[0], 0, 0, 0], gate="none", seed=t.seed)
+        torch.manual_seed(t.seed)
+        model = RGNN(model_config(cfg, len(t.names))).to(device)
+        result = _train_row(t, cfg, model, device)
+        write_payload(t.global_weights, CheckpointPayload.of(model, t.names, "global"))
+        return result
+    global_model = model_config(t.base.copy(gate="none"), len(t.names))
+    # a file of an earlier version may hold the stage-1 weights alone: `fill` says what they are
+    stage1 = read_payload(t.global_weights, fill={"model_config": dataclasses.asdict(global_model),
+                                                  "class_names": t.names})
+    check_classes(stage1.class_names, t.names, str(t.global_weights))
+    cfg = row_config(t.base, *ROWS[t.name], t.seed)
+    torch.manual_seed(t.seed)
+    model = RGNN(model_config(cfg, len(t.names)))
+    # backbone and fc8; the head and gates are new
+    model.load_state_dict({k: v for k, v in stage1.model.items() if k.startswith(STAGE1_KEYS)}, strict=False)
+    return _train_row(t, cfg, model.to(device), device)
+
+
+@contextmanager
+def _pool(jobs: int) -> Iterator[Callable]:
+    """run(f, tasks) -> (task, f(task)) as each finishes: in this process for 1 job, else in `jobs` processes
+    sharing the cores (one thread each where there are as many cores as jobs). A failure stops the tasks
+    not yet started."""
+    if jobs == 1:
+        yield lambda f, tasks: ((t, f(t)) for t in tasks)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        def run(f, tasks):
+            futures = {pool.submit(f, t): t for t in tasks}
+            try:
+                for finished in as_completed(futures):
+                    yield futures[finished], finished.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        yield run
 
 
 def _summarise(by_seed: dict[str, dict], seeds) -> dict:
@@ -147,14 +197,12 @@ def _summarise(by_seed: dict[str, dict], seeds) -> dict:
             "gate_auc": float(np.mean(aucs)) if all(a is not None for a in aucs) else None}
 
 
-def _train_row(name: str, cfg: TrainConfig, model: RGNN, names: list[str], train_dir: Path, val_dir: Path,
-               device: torch.device, uri: str, parent: str) -> dict:
-    seed = cfg.schedule.seed
-    tags = {"mlflow.parentRunId": parent, "gate": cfg.model.gate, "backbone": cfg.model.backbone,
-            "dataset": cfg.dataset, "ablation_row": name, "seed": seed}
-    with training_run(uri, cfg.tracking.experiment, f"{name} (seed {seed})", cfg.flat(), tags) as run_id:
-        log = RunLogger(uri, run_id)
-        print(f"== {name} (seed {seed})", flush=True)
+def _train_row(t: Task, cfg: TrainConfig, model: RGNN, device: torch.device) -> dict:
+    tags = {"mlflow.parentRunId": t.parent, "gate": cfg.model.gate, "backbone": cfg.model.backbone,
+            "dataset": cfg.dataset, "ablation_row": t.name, "seed": t.seed}
+    with training_run(t.uri, cfg.tracking.experiment, f"{t.name} (seed {t.seed})", cfg.flat(), tags) as run_id:
+        log = RunLogger(t.uri, run_id)
+        print(f"== {t.name} (seed {t.seed})", flush=True)
 
         def on_warning(message: str) -> None:
             print(message, flush=True)
@@ -162,11 +210,11 @@ def _train_row(name: str, cfg: TrainConfig, model: RGNN, names: list[str], train
 
         def on_epoch(state, metrics: dict, result: dict | None) -> None:
             log.epoch(state, metrics, result)
-            print(epoch_line(metrics, result), flush=True)
+            print(f"{t.name} (seed {t.seed}) " + epoch_line(metrics, result), flush=True)
 
         hooks = Hooks(on_step=log.step, on_epoch=on_epoch, on_warning=on_warning)
-        _, result = run_stages(cfg, model, names, train_dir, val_dir, device, hooks=hooks)
-        log.class_aps(names, result["ap"])
+        _, result = run_stages(cfg, model, t.names, t.train_dir, t.val_dir, device, hooks=hooks)
+        log.class_aps(t.names, result["ap"])
         log.flush()
     return {"mAP": result["mAP"], "ap": [float(a) for a in result["ap"]], "run_id": run_id,
             "gate_auc": result.get("gate_auc")}
@@ -201,14 +249,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="ablation.md", help="markdown table to write (rows kept in <out>.rows.json)")
     p.add_argument("--rows", help=f"';'-separated subset of: {'; '.join(ROWS)} (default all)")
     p.add_argument("--seeds", type=int, default=3, help="runs of every row, seeds --seed, --seed + 1, ...")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows trained at once, each in its own process with its share of the CPU threads")
     args = vars(p.parse_args(argv))
     out, rows, seeds = Path(args.pop("out", "ablation.md")).resolve(), args.pop("rows", None), args.pop("seeds", 3)
+    jobs = args.pop("jobs", 1)
     args.pop("summary", None)
     with user_errors():
         base = resolve(config_from_args(args))
         # verifies --shards, or builds shards through sharding/ on Ray; training here needs no Ray
         train_dir, val_dir = prepare_shards(base.data, base.input, base.schedule.seed, keep_ray=False)
-        results = run_ablation(base, train_dir, val_dir, out, rows.split(";") if rows else None, seeds)
+        results = run_ablation(base, train_dir, val_dir, out, rows.split(";") if rows else None, seeds, jobs)
     print("\n" + out.read_text())
     print(f"table: {out}")
     return results

@@ -37,13 +37,24 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     args = ["--shards", str(shard_root), "--smoke-test", "--epochs", "1,1,1,1", "--max-regions", "8",
             "--image-size", "96", "--global-size", "64", "--batch-size", "12", "--out", str(out),
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--seeds", "1"]
-    # as the README runs it: a fresh interpreter, `python -m cluster.ablation`
-    run = subprocess.run([sys.executable, "-m", "cluster.ablation", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
+    # as the README runs it: a fresh interpreter, `python -m cluster.ablation`, two rows at a time in two processes
+    run = subprocess.run([sys.executable, "-m", "cluster.ablation", *args, "--jobs", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = out.read_text()
     assert f"table: {out}" in run.stdout and text in run.stdout
+    assert "region gate, pool fc6 (seed 0) [joint] epoch 1/1" in run.stdout  # each process's lines name their row
     state = json.loads((tmp_path / "table.md.rows.json").read_text())
+    # one row again in this process, from the same stage-1 weights and seed: the same figure
+    rerun = dict(state, rows={n: r for n, r in state["rows"].items() if n != "regional, multi-scale"})
+    (tmp_path / "table.md.rows.json").write_text(json.dumps(rerun))
+    main(args)
+    again = json.loads((tmp_path / "table.md.rows.json").read_text())["rows"]
+    assert again["regional, multi-scale"]["0"]["mAP"] == pytest.approx(state["rows"]["regional, multi-scale"]["0"]["mAP"],
+                                                                     abs=1e-3)
+    assert again["regional, multi-scale"]["0"]["run_id"] != state["rows"]["regional, multi-scale"]["0"]["run_id"]
+    state["rows"]["regional, multi-scale"] = again["regional, multi-scale"]
+    text = out.read_text()
 
     stage1 = tmp_path / "table.md.global-seed0.pt"  # a checkpoint payload: the global model of seed 0
     payload = read_payload(stage1)
@@ -64,7 +75,8 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
                                   f"tags.mlflow.parentRunId = '{parent}'")
     assert {c.data.tags["ablation_row"] for c in children} == {GLOBAL, *ROWS}
     assert {c.info.run_name for c in children} == {f"{n} (seed 0)" for n in (GLOBAL, *ROWS)}
-    by_name = {c.data.tags["ablation_row"]: c for c in children}
+    table_runs = {r["runs"][0]["run_id"] for r in results.values()}  # the runs the table reads
+    by_name = {c.data.tags["ablation_row"]: c for c in children if c.info.run_id in table_runs}
     for name, r in results.items():
         assert by_name[name].data.metrics["val/mAP"] == pytest.approx(r["mAP"])
     assert by_name["regional, single scale"].data.params["scales"] == "1"
@@ -80,7 +92,7 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     assert "table.md" in {a.path for a in client.list_artifacts(parent)}
 
     assert len(client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")) == len(results)
+                                  f"tags.mlflow.parentRunId = '{parent}'")) == len(results) + 1  # the row run twice
     # resumed against another tracking store, which does not hold the saved parent run: named at once
     elsewhere = [a if not a.startswith("sqlite") else f"sqlite:///{tmp_path}/other.db" for a in args]
     with pytest.raises(SystemExit, match=f"table.md.rows.json: run {parent} is not in the tracking store"):

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import multiprocessing
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,24 +167,23 @@ def train_task(t: Task) -> dict:
 @contextmanager
 def _pool(jobs: int) -> Iterator[Callable]:
     """run(f, tasks) -> (task, f(task)) as each finishes: in this process for 1 job, else in `jobs` processes
-    sharing the cores (one thread each where there are as many cores as jobs). A failure stops the tasks
-    not yet started."""
+    sharing the cores (one thread each where there are as many cores as jobs). On a failure or Ctrl+C the
+    rows still training stop with it, and those not started never start."""
     if jobs == 1:
         yield lambda f, tasks: ((t, f(t)) for t in tasks)
         return
     threads = max(1, torch.get_num_threads() // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
-        def run(f, tasks):
-            futures = {pool.submit(f, t): t for t in tasks}
-            try:
-                for finished in as_completed(futures):
-                    yield futures[finished], finished.result()
-            finally:
-                for future in futures:
-                    future.cancel()
+    pool = multiprocessing.get_context("spawn").Pool(jobs, torch.set_num_threads, (threads,))
+    try:
+        yield lambda f, tasks: pool.imap_unordered(_paired, [(f, t) for t in tasks])
+    finally:
+        pool.terminate()
+        pool.join()
 
-        yield run
+
+def _paired(call: tuple[Callable, Task]) -> tuple[Task, dict]:
+    f, task = call
+    return task, f(task)
 
 
 def _summarise(by_seed: dict[str, dict], seeds) -> dict:

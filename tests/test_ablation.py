@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cluster.ablation import GLOBAL, ROWS, main, row_config
+from cluster.ablation import GLOBAL, ROWS, _pool, main, row_config
 from rgnn.io.checkpoint import read_payload
 from rgnn.train.config import parse_args
 
@@ -97,3 +98,18 @@ def test_ablation_produces_every_row(shard_root, tmp_path):
     elsewhere = [a if not a.startswith("sqlite") else f"sqlite:///{tmp_path}/other.db" for a in args]
     with pytest.raises(SystemExit, match=f"table.md.rows.json: run {parent} is not in the tracking store"):
         main(elsewhere)
+
+
+def _fail_or_sleep(seconds: float) -> float:
+    if not seconds:
+        raise ValueError("row failed")
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_failing_row_stops_the_rows_training_beside_it_and_those_not_started():
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="row failed"), _pool(2) as run:
+        for _ in run(_fail_or_sleep, [60.0, 0.0, 60.0, 60.0]):
+            pass
+    assert time.monotonic() - start < 30  # not the 60 s of the row beside it, nor 120 for the rest

@@ -5,8 +5,8 @@
 
 Every row is trained and evaluated with plain PyTorch (rgnn.train.stages.run_stages, on a GPU when
 there is one; Ray only builds missing shards), in this process or, with --jobs J, J rows at a time in
-as many processes, and logged as an MLflow child run of one parent run. Every row runs once per seed; the table gives the mean and the standard deviation
-over seeds. Stage 1 (global fine-tuning) does not depend on any row's setting, so it is trained
+as many processes, and logged as an MLflow child run of one parent run. Every row runs once per seed;
+the table gives the mean and the standard deviation over seeds. Stage 1 (global fine-tuning) does not depend on any row's setting, so it is trained
 once per seed: its result is the global baseline row and its weights start every other row of
 that seed. With E1..E4 the stage epochs:
 
@@ -144,14 +144,14 @@ class Task:
 def train_task(t: Task) -> dict:
     """Train and evaluate one row of one seed (the global row writes its weights to `t.global_weights`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    global_cfg = t.base.copy(epochs=[t.base.schedule.epochs[0], 0, 0, 0], gate="none", seed=t.seed)
+    global_model = model_config(global_cfg, len(t.names))
     if t.name == GLOBAL:
-        cfg = t.base.copy(epochs=[t.base.schedule.epochs[0], 0, 0, 0], gate="none", seed=t.seed)
         torch.manual_seed(t.seed)
-        model = RGNN(model_config(cfg, len(t.names))).to(device)
-        result = _train_row(t, cfg, model, device)
+        model = RGNN(global_model).to(device)
+        result = _train_row(t, global_cfg, model, device)
         write_payload(t.global_weights, CheckpointPayload.of(model, t.names, "global"))
         return result
-    global_model = model_config(t.base.copy(gate="none"), len(t.names))
     # a file of an earlier version may hold the stage-1 weights alone: `fill` says what they are
     stage1 = read_payload(t.global_weights, fill={"model_config": dataclasses.asdict(global_model),
                                                   "class_names": t.names})
